@@ -1,0 +1,61 @@
+"""`dummy:NAME`: random weights of a real model's shape, for speed measurements.
+
+Speed does not depend on the values, and real weights of these sizes cannot be
+shipped to a benchmark machine. Weights are drawn on the target device from a
+fixed seed, so a run is reproducible on the same device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from sgl_compile.errors import SglcError
+from sgl_compile.models import model_class
+from sgl_compile.models.config import ModelConfig, RopeScaling
+from sgl_compile.models.loading.checkpoint import Checkpoint
+from sgl_compile.tokenizer import byte_tokenizer
+
+_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+DUMMY_CONFIGS: dict[str, ModelConfig] = {
+    "llama-3.1-8b": ModelConfig(
+        "llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, 131072, False,
+        rope_scaling=RopeScaling("llama3", 8.0, **_LLAMA3_ROPE), bos_token_id=256, eos_token_ids=(257,),
+    ),
+    "llama-3.2-1b": ModelConfig(
+        "llama", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0, 131072, True,
+        rope_scaling=RopeScaling("llama3", 32.0, **_LLAMA3_ROPE), bos_token_id=256, eos_token_ids=(257,),
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        "qwen2", 151936, 896, 4864, 24, 14, 2, 64, 1e-6, 1000000.0, 32768, True,
+        attention_bias=True, bos_token_id=256, eos_token_ids=(257,),
+    ),
+    "qwen3-0.6b": ModelConfig(
+        "qwen3", 151936, 1024, 3072, 28, 16, 8, 128, 1e-6, 1000000.0, 40960, True,
+        qk_norm=True, bos_token_id=256, eos_token_ids=(257,),
+    ),
+    "smollm2-135m": ModelConfig(
+        "llama", 49152, 576, 1536, 30, 9, 3, 64, 1e-5, 100000.0, 8192, True, bos_token_id=256, eos_token_ids=(257,),
+    ),
+}  # fmt: skip
+
+
+def open_dummy(name: str, seed: int = 0) -> Checkpoint:
+    if name not in DUMMY_CONFIGS:
+        raise SglcError(f"unknown dummy model {name!r} (known: {', '.join(DUMMY_CONFIGS)})")
+    config = DUMMY_CONFIGS[name]
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in model_class(config)(config).named_parameters()}
+
+    def tensors(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+        gen = torch.Generator(device).manual_seed(seed)
+        for n, shape in shapes.items():
+            if n.endswith("norm.weight"):
+                yield n, torch.ones(shape, device=device, dtype=dtype)
+            else:
+                yield n, torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+
+    return Checkpoint(f"dummy:{name}", config, byte_tokenizer(config.vocab_size), len(shapes), tensors)

@@ -1,0 +1,122 @@
+"""The op vocabulary of the IR: `sglc::` custom ops.
+
+Each op is registered with `torch.library.custom_op`. The function body is the
+reference implementation: plain torch, runs on any device, and *defines* what
+the op means. Kernels (Triton, flashinfer, ...) are later registered for CUDA
+with `op.register_kernel("cuda")` and are tested against these bodies. Each op
+also has a fake implementation so graphs can be captured with symbolic shapes.
+
+Ops never mutate their inputs and never return an alias of one (custom_op's
+contract); the in-place forms belong to the lowered program, not the IR.
+
+Reductions and softmax run in float32 whatever the activation dtype, and the
+result is cast back, as every production kernel does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("sglc::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim; normalised in fp32, scaled in x.dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@rms_norm.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sglc::fused_add_rms_norm", mutates_args=())
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add of a pre-norm block and the next norm."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+@fused_add_rms_norm.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # NeoX / HF layout: the two halves of the head dim form the (real, imag) pairs.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@torch.library.custom_op("sglc::rope", mutates_args=())
+def rope(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q [T, Hq, D] and k [T, Hkv, D] at `positions` [T].
+
+    `cos_sin_cache` [max_pos, D] (fp32) holds cos(pos * inv_freq) in its first D/2
+    columns and sin in the last D/2; rotation is computed in fp32.
+    """
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@rope.register_fake
+def _(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("sglc::silu_and_mul", mutates_args=())
+def silu_and_mul(x: Tensor) -> Tensor:
+    """silu(x[..., :d]) * x[..., d:] for x [..., 2d]: the SwiGLU gate of a gated MLP."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@silu_and_mul.register_fake
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.custom_op("sglc::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal self-attention over one sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
+
+    Grouped-query: query head h reads kv head h // (Hq // Hkv). Scores and softmax in fp32.
+    The attention-lowering pass replaces this op with the runtime's paged attention.
+    """
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    t = q.shape[0]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype).contiguous()
+
+
+@attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("sglc::embedding", mutates_args=())
+def embedding(ids: Tensor, weight: Tensor) -> Tensor:
+    """Rows of `weight` [V, H] selected by token `ids` [T] -> [T, H]."""
+    return weight.index_select(0, ids)
+
+
+@embedding.register_fake
+def _(ids: Tensor, weight: Tensor) -> Tensor:
+    return weight.new_empty(ids.shape[0], weight.shape[1])
+
+
+ALL_OPS = {
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    "rope": rope,
+    "silu_and_mul": silu_and_mul,
+    "attention": attention,
+    "embedding": embedding,
+}
