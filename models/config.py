@@ -45,7 +45,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise SglcError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise SglcError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
 
     @property
     def q_size(self) -> int:
@@ -58,6 +60,21 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """From a HF `config.json` dict (transformers 4.x and 5.x spellings)."""
+        try:
+            return cls._from_hf(hf)
+        except KeyError as e:
+            raise SglcError(f"config.json lacks required key {e}") from None
+
+    @classmethod
+    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
+        """From GGUF metadata (llama.cpp key names) and the set of tensor names in the file."""
+        try:
+            return cls._from_gguf(meta, tensor_names)
+        except KeyError as e:
+            raise SglcError(f"GGUF metadata lacks required key {e}") from None
+
+    @classmethod
+    def _from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
         arch = _architecture(hf.get("model_type", ""))
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -84,15 +101,16 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
-        """From GGUF metadata (llama.cpp key names) and the set of tensor names in the file."""
+    def _from_gguf(cls, meta: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
         arch = _architecture(meta.get("general.architecture", ""))
         p = f"{meta['general.architecture']}."
         hidden = meta[p + "embedding_length"]
         heads = meta[p + "attention.head_count"]
         scaling = meta.get(p + "rope.scaling.type")
         if "rope_freqs.weight" in tensor_names:
-            raise SglcError("GGUF files with a rope_freqs tensor (Llama 3.1 rope scaling) are not supported yet")
+            raise SglcError(
+                "GGUF files with a rope_freqs tensor (Llama 3.1 rope scaling) are not supported yet"
+            )
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             architecture=arch,

@@ -1,13 +1,17 @@
 """Test prompts: code, chat, non-English, digits/emoji, and a long (~500 token) document."""
 
-CODE = 'def quicksort(xs):\n    """Sort a list."""\n    if len(xs) <= 1:\n        return xs\n    pivot = xs[0]\n'
+CODE = (
+    'def quicksort(xs):\n    """Sort a list."""\n    if len(xs) <= 1:\n        return xs\n    pivot = xs[0]\n'
+)
 CHAT = [
     {"role": "system", "content": "You are a concise assistant."},
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris."},
     {"role": "user", "content": "And of Japan? Answer in one word."},
 ]
-NON_ENGLISH = "Le renard brun rapide saute par-dessus le chien paresseux. 敏捷的棕色狐狸跳过了懒狗。Быстрая лиса."
+NON_ENGLISH = (
+    "Le renard brun rapide saute par-dessus le chien paresseux. 敏捷的棕色狐狸跳过了懒狗。Быстрая лиса."
+)
 MIXED = "Order #12345 shipped on 2024-03-07 🎉🚀 — total: $1,299.99 (incl. 20% VAT). naïve café ✓"
 _SENTENCES = [
     "The history of computing is a story of abstraction layered upon abstraction.",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sgl_compile.models.loading import LoadedModel, load_model
+
 from tests import prompts
 from tests.conftest import _hf_model
 
@@ -62,7 +62,7 @@ def test_fp32_logits_match_transformers(name: str, request: pytest.FixtureReques
     ours, hf = request.getfixturevalue(name), request.getfixturevalue(f"hf_{name}")
     ids = _prompt_ids(ours)
     assert len(ids["long"]) >= 450
-    for key, prompt in ids.items():
+    for prompt in ids.values():
         assert_fp32_parity(ours_logits(ours, prompt), hf_logits(hf, prompt))
 
 
@@ -84,7 +84,9 @@ def hf_smollm2_bf16(smollm2_gguf):
     return _hf_model(smollm2_gguf, torch.bfloat16)
 
 
-def test_bf16_error_no_worse_than_transformers_bf16(smollm2, hf_smollm2, smollm2_bf16, hf_smollm2_bf16) -> None:
+def test_bf16_error_no_worse_than_transformers_bf16(
+    smollm2, hf_smollm2, smollm2_bf16, hf_smollm2_bf16
+) -> None:
     """bf16 keeps 8 significant bits, so a 30-layer forward cannot match fp32 to 1e-3. The tolerance is
     derived from transformers' own bf16 forward on the same weights: measured against the fp32
     reference, our error may be at most 1.5x its max error and 1.25x its mean error, and our argmax

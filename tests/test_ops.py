@@ -90,7 +90,11 @@ def _attention_loops(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) 
 
 @SETTINGS
 @given(
-    t=st.integers(1, 12), hkv=st.integers(1, 3), group=st.integers(1, 3), d=st.integers(1, 16), seed=st.integers(0, 99)
+    t=st.integers(1, 12),
+    hkv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    d=st.integers(1, 16),
+    seed=st.integers(0, 99),
 )
 def test_attention_causal_gqa(t: int, hkv: int, group: int, d: int, seed: int) -> None:
     q, k, v = _randn(seed, t, hkv * group, d), _randn(seed + 1, t, hkv, d), _randn(seed + 2, t, hkv, d)
@@ -125,7 +129,9 @@ def _sample_args() -> dict[str, tuple]:
 @pytest.mark.parametrize("name", sorted(ir.ALL_OPS))
 def test_opcheck(name: str) -> None:
     """Schema, fake (meta) implementation and dispatch of every op agree with the real one."""
-    torch.library.opcheck(ir.ALL_OPS[name], _sample_args()[name], test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ir.ALL_OPS[name], _sample_args()[name], test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def test_bf16_reference_runs_in_fp32_internally() -> None:

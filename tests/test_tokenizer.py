@@ -7,8 +7,8 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sgl_compile.models.loading import LoadedModel
+
 from sgl_compile.tokenizer import IncrementalDetokenizer
 from tests import prompts
 
@@ -17,7 +17,10 @@ MODELS = ["smollm2", "qwen05"]
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write a haiku about autumn."},
-    {"role": "assistant", "content": "Crisp leaves drift and fall,\nGolden light on quiet paths,\nThe year exhales slow."},
+    {
+        "role": "assistant",
+        "content": "Crisp leaves drift and fall,\nGolden light on quiet paths,\nThe year exhales slow.",
+    },
     {"role": "user", "content": "Now one about 春 (spring) 🌸."},
 ]
 
@@ -78,7 +81,9 @@ def test_incremental_detokenization_equals_full_decode(name: str, request: pytes
 def test_incremental_never_emits_broken_characters(seed: int, smollm2: LoadedModel) -> None:
     """Random emoji/CJK text splits multi-byte characters across byte-level tokens."""
     rng = random.Random(seed)
-    text = "".join(rng.choice(["🎉", "你", "好", "é", " ", "a", "👍🏽", "\n", "ß"]) for _ in range(rng.randint(1, 30)))
+    text = "".join(
+        rng.choice(["🎉", "你", "好", "é", " ", "a", "👍🏽", "\n", "ß"]) for _ in range(rng.randint(1, 30))
+    )
     tok = smollm2.tokenizer
     ids = tok.encode(text)
     detok = IncrementalDetokenizer(tok)

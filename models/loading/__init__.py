@@ -10,10 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from tqdm import tqdm
-
-from sgl_compile.errors import SglcError
 from sgl_compile.models import model_class
 from sgl_compile.models.config import ModelConfig
 from sgl_compile.models.loading.checkpoint import Checkpoint
@@ -21,6 +17,10 @@ from sgl_compile.models.loading.dummy import DUMMY_CONFIGS, open_dummy
 from sgl_compile.models.loading.gguf_file import open_gguf
 from sgl_compile.models.loading.hf_dir import open_hf_dir
 from sgl_compile.models.loading.pypi import ALIASES, DEFAULT_MODEL, cached_path, fetch
+from torch import nn
+from tqdm import tqdm
+
+from sgl_compile.errors import SglcError
 from sgl_compile.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +81,9 @@ def _fill(model: nn.Module, ckpt: Checkpoint, device: torch.device, dtype: torch
         raise SglcError(f"{ckpt.source}: missing tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"
+) -> LoadedModel:
     """Open `spec`, build the model on `device` in `dtype`, and stream the weights into it."""
     ckpt = open_checkpoint(spec)
     torch_dtype, dev = resolve_dtype(dtype), torch.device(device)

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from sgl_compile.models.config import ModelConfig
+from sgl_compile.models.loading.checkpoint import Checkpoint
 from torch import Tensor
 
 from sgl_compile.errors import SglcError
-from sgl_compile.models.config import ModelConfig
-from sgl_compile.models.loading.checkpoint import Checkpoint
 from sgl_compile.tokenizer import tokenizer_from_gguf
 
 _GLOBAL_NAMES = {
@@ -57,11 +57,16 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: Path) -> Any:
+def read_gguf(path: Path) -> Any:
+    """A `gguf.GGUFReader` over a complete, parseable file, or a one-line SglcError."""
     import gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+        if end > path.stat().st_size:
+            raise ValueError(f"truncated: tensor data ends at byte {end}, file has {path.stat().st_size}")
+        return reader
     except Exception as e:  # the reader raises ValueError/IndexError/... on damaged files
         raise SglcError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
@@ -75,7 +80,7 @@ def open_gguf(path: Path) -> Checkpoint:
 
     if not path.is_file():
         raise SglcError(f"GGUF file not found: {path}")
-    reader = _open(path)
+    reader = read_gguf(path)
     meta = _metadata(reader)
     config = ModelConfig.from_gguf(meta, {t.name for t in reader.tensors})
     permute = meta["general.architecture"] == "llama"
@@ -87,7 +92,9 @@ def open_gguf(path: Path) -> Checkpoint:
             try:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError:
-                raise SglcError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+                raise SglcError(
+                    f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}"
+                ) from None
             w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
             if permute and (n := heads.get(name.split(".", 3)[-1])):
                 w = unpermute_rotary(w, n)

