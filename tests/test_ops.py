@@ -123,7 +123,11 @@ def _sample_args() -> dict[str, tuple]:
         "silu_and_mul": (x,),
         "attention": (q, k, k, 0.35),
         "embedding": (torch.tensor([0, 3, 1]), x),
-    }
+        "paged_attention": (
+            q, k, k, torch.zeros(2, 10, 2, 8), torch.zeros(2, 10, 2, 8), 1, torch.tensor([5, 6, 7, -1]),
+            torch.tensor([0, 1, 3]), torch.tensor([0, 3, 5]), torch.tensor([1, 2, 5, 0, 6]), 0.35,
+        ),
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(ir.ALL_OPS))
@@ -141,3 +145,41 @@ def test_bf16_reference_runs_in_fp32_internally() -> None:
     assert got.dtype == torch.bfloat16
     expected = _rms_formula(_np(x), np.ones(64), 1e-6)
     np.testing.assert_allclose(_np(got), expected, rtol=8e-3, atol=8e-3)
+
+
+@SETTINGS
+@given(
+    lens=st.lists(st.tuples(st.integers(0, 6), st.integers(1, 5)), min_size=1, max_size=4),
+    hkv=st.integers(1, 2),
+    group=st.integers(1, 3),
+    seed=st.integers(0, 99),
+)
+def test_paged_attention_equals_full_attention_per_request(lens, hkv: int, group: int, seed: int) -> None:
+    """A ragged batch of (cached prefix, new tokens) requests over scattered slots gives, for the new
+    tokens, exactly the rows causal attention over each whole sequence gives; the cache gets the new k/v."""
+    d, layers = 8, 2
+    total = sum(p + n for p, n in lens)
+    slots = torch.randperm(total + 5, generator=torch.Generator().manual_seed(seed))[:total]
+    k_cache, v_cache = torch.zeros(layers, total + 5, hkv, d), torch.zeros(layers, total + 5, hkv, d)
+    qs, ks, vs, slot_map, kv_idx, expected = [], [], [], [], [], []
+    qo, kvp, used = [0], [0], 0
+    for b, (prefix, new) in enumerate(lens):
+        q = _randn(seed + 10 * b, prefix + new, hkv * group, d)
+        k, v = (
+            _randn(seed + 10 * b + 1, prefix + new, hkv, d),
+            _randn(seed + 10 * b + 2, prefix + new, hkv, d),
+        )
+        mine = slots[used : used + prefix + new]
+        used += prefix + new
+        k_cache[1, mine[:prefix]], v_cache[1, mine[:prefix]] = k[:prefix], v[:prefix]  # the cached prefix
+        expected.append(_attention_loops(_np(q), _np(k), _np(v), d**-0.5)[prefix:])
+        qs.append(q[prefix:]), ks.append(k[prefix:]), vs.append(v[prefix:])
+        slot_map.append(mine[prefix:]), kv_idx.append(mine)
+        qo.append(qo[-1] + new), kvp.append(kvp[-1] + prefix + new)
+    out = ir.paged_attention(
+        torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, 1, torch.cat(slot_map),
+        torch.tensor(qo), torch.tensor(kvp), torch.cat(kv_idx), d**-0.5,
+    )  # fmt: skip
+    np.testing.assert_allclose(_np(out), np.concatenate(expected), rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache[1, torch.cat(slot_map)], torch.cat(ks))
+    assert not k_cache[0].any()  # other layers untouched

@@ -86,14 +86,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     Grouped-query: query head h reads kv head h // (Hq // Hkv). Scores and softmax in fp32.
     The attention-lowering pass replaces this op with the runtime's paged attention.
     """
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
-    t = q.shape[0]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype).contiguous()
+    return _attend_prefix(q, k, v, scale).contiguous()
 
 
 @attention.register_fake
@@ -112,6 +105,58 @@ def _(ids: Tensor, weight: Tensor) -> Tensor:
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
+@torch.library.custom_op("sglc::paged_attention", mutates_args=("k_cache", "v_cache"))
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    layer: int,
+    slot_mapping: Tensor,
+    qo_indptr: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    scale: float,
+) -> Tensor:
+    """Causal attention of a ragged batch over a paged KV cache; what `attention` is lowered to.
+
+    First writes the new k/v [T, Hkv, D] into `k_cache[layer]` / `v_cache[layer]` ([L, S, Hkv, D])
+    at `slot_mapping` [T] (negative slots are padding and are skipped). Request b owns query rows
+    `qo_indptr[b]:qo_indptr[b+1]` and KV slots `kv_indices[kv_indptr[b]:kv_indptr[b+1]]` in
+    position order, its new tokens last, so query i of n attends to the first (n_kv - n + i + 1).
+    """
+    valid = slot_mapping >= 0
+    k_cache[layer, slot_mapping[valid]] = k[valid]
+    v_cache[layer, slot_mapping[valid]] = v[valid]
+    out = torch.empty_like(q)
+    qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
+    for b in range(len(qo) - 1):
+        if qo[b + 1] == qo[b]:
+            continue
+        slots = kv_indices[kvp[b] : kvp[b + 1]]
+        out[qo[b] : qo[b + 1]] = _attend_prefix(
+            q[qo[b] : qo[b + 1]], k_cache[layer, slots], v_cache[layer, slots], scale
+        )
+    return out
+
+
+def _attend_prefix(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q [n, Hq, D] are the last n of the m positions in k/v [m, Hkv, D]; causal, GQA, fp32 softmax."""
+    n, m, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    visible = torch.arange(m, device=q.device)[None, :] <= torch.arange(m - n, m, device=q.device)[:, None]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype)
+
+
+@paged_attention.register_fake
+def _(q, k, v, k_cache, v_cache, layer, slot_mapping, qo_indptr, kv_indptr, kv_indices, scale) -> Tensor:
+    return torch.empty_like(q)
+
+
 ALL_OPS = {
     "rms_norm": rms_norm,
     "fused_add_rms_norm": fused_add_rms_norm,
@@ -119,4 +164,5 @@ ALL_OPS = {
     "silu_and_mul": silu_and_mul,
     "attention": attention,
     "embedding": embedding,
+    "paged_attention": paged_attention,
 }

@@ -1,0 +1,21 @@
+"""FX graph -> FX graph rewrites, applied in a fixed order by the pass manager."""
+
+from sgl_compile.passes.lower_attention import BATCH_INPUTS, lower_attention
+from sgl_compile.passes.manager import Pass, PassReport, run_passes
+from sgl_compile.passes.prune_logits import prune_logits
+
+# The order the driver applies them in.
+DEFAULT_PASSES: list[tuple[str, Pass]] = [
+    ("lower_attention", lower_attention),
+    ("prune_logits", prune_logits),
+]
+
+__all__ = [
+    "BATCH_INPUTS",
+    "DEFAULT_PASSES",
+    "Pass",
+    "PassReport",
+    "lower_attention",
+    "prune_logits",
+    "run_passes",
+]
