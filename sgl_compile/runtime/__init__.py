@@ -1,0 +1,1 @@
+"""Runtime: KV pool, radix cache, scheduler, model runner, sampler, engine."""

@@ -1,0 +1,298 @@
+"""The in-process engine: compile a model, run the scheduler on its own thread, generate.
+
+`generate` returns SGLang-style dicts: `text`, `output_ids`, `meta_info`
+(`prompt_tokens`, `completion_tokens`, `cached_tokens`, `finish_reason`,
+`e2e_latency`, and logprobs when asked). `async_generate` streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from sgl_compile.driver import CompiledModel, compile_model
+from sgl_compile.errors import SglcError
+from sgl_compile.models.loading import DEFAULT_MODEL
+from sgl_compile.runtime.kv_pool import KVPool
+from sgl_compile.runtime.request import Req
+from sgl_compile.runtime.sampling_params import SamplingParams
+from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Req], None]
+CPU_KV_BUDGET = 4 << 30  # bytes of KV cache on CPU when max_total_tokens is not given
+
+
+def default_max_total_tokens(compiled: CompiledModel, mem_fraction_static: float) -> int:
+    c = compiled.config
+    per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, compiled.dtype)
+    if compiled.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(compiled.device)
+        budget = int(free * mem_fraction_static)
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        budget = min(CPU_KV_BUDGET, available // 4)
+    return max(budget // per_token, 1)
+
+
+def output_dict(req: Req, text_len: int | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "id": req.rid,
+        "prompt_tokens": len(req.prompt_ids),
+        "completion_tokens": len(req.output_ids),
+        "cached_tokens": req.cached_tokens,
+        "finish_reason": req.finish.to_dict() if req.finish else None,
+        "e2e_latency": time.perf_counter() - req.created,
+    }
+    if req.params.return_logprob:
+        meta["input_token_logprobs"] = list(req.input_logprobs)
+        meta["output_token_logprobs"] = list(req.output_logprobs)
+        if req.params.top_logprobs_num:
+            meta["input_top_logprobs"] = list(req.input_top_logprobs)
+            meta["output_top_logprobs"] = list(req.output_top_logprobs)
+    text = req.text if text_len is None else req.text[:text_len]
+    return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+
+class Engine:
+    """Options carry the CLI flags' names: Engine(model=..., dtype=..., max_total_tokens=..., ...)."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_total_tokens: int | None = None,
+        mem_fraction_static: float = 0.85,
+        context_length: int | None = None,
+        chunked_prefill_size: int = 2048,
+        max_running_requests: int = 256,
+        schedule_policy: str = "lpm",
+        disable_radix_cache: bool = False,
+    ) -> None:
+        self.compiled = compile_model(model, dtype, device)
+        self.tokenizer = self.compiled.tokenizer
+        cfg = self.compiled.config
+        self.context_length = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        slots = max_total_tokens or default_max_total_tokens(self.compiled, mem_fraction_static)
+        self.scheduler = Scheduler(
+            self.compiled,
+            SchedulerConfig(
+                slots,
+                self.context_length,
+                chunked_prefill_size,
+                max_running_requests,
+                schedule_policy,
+                disable_radix_cache,
+            ),
+        )
+        self.eos_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        log.info("KV pool: %d tokens (%.1f MiB)", slots, (self.scheduler.kv.k.nbytes * 2) / (1 << 20))
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._listeners: dict[str, Listener] = {}
+        self._counter = itertools.count()
+        self._error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sglc-scheduler", daemon=True)
+        self._thread.start()
+        self._started = time.perf_counter()
+
+    # -- the scheduler thread -------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_commands(block=not self.scheduler.has_work())
+                if self.scheduler.has_work():
+                    for req in self.scheduler.step():
+                        self._notify(req)
+        except BaseException as e:  # never die silently: fail everything in flight
+            log.exception("scheduler failed")
+            self._error = e
+            for rid in list(self._listeners):
+                self._listeners.pop(rid)(None)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        command()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _notify(self, req: Req) -> None:
+        listener = self._listeners.get(req.rid)
+        if listener is not None:
+            if req.finished:
+                del self._listeners[req.rid]
+            listener(req)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the scheduler thread and return its result."""
+        if self._error is not None:
+            raise SglcError(f"engine is dead: {self._error}")
+        done: queue.Queue = queue.Queue()
+        self._commands.put(lambda: done.put(fn()))
+        return done.get()
+
+    # -- requests -------------------------------------------------------------------
+    def _make_req(self, prompt: str | list[int], params: SamplingParams, rid: str | None) -> Req:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if any(not 0 <= t < self.compiled.config.vocab_size for t in ids):
+            raise SglcError(f"input_ids must be in [0, {self.compiled.config.vocab_size})")
+        return Req(rid or uuid.uuid4().hex, ids, params, self.tokenizer, self.eos_ids)
+
+    def _submit(self, req: Req, listener: Listener) -> None:
+        def add() -> None:
+            self.scheduler.add(req)
+            if req.finished:  # rejected at once
+                listener(req)
+            else:
+                self._listeners[req.rid] = listener
+
+        if self._error is not None:
+            raise SglcError(f"engine is dead: {self._error}")
+        self._commands.put(add)
+
+    def _expand(
+        self, prompts: list[str | list[int]], params: SamplingParams, rids: list[str] | None
+    ) -> list[Req]:
+        """One Req per (prompt, sample); n > 1 runs the prompt once first so the samples share its KV."""
+        reqs = []
+        for i, prompt in enumerate(prompts):
+            rid = rids[i] if rids else None
+            if params.n == 1:
+                reqs.append(self._make_req(prompt, params, rid))
+                continue
+            warm = self._make_req(prompt, replace(params, max_new_tokens=0, n=1, return_logprob=False), None)
+            self._wait([warm])
+            for j in range(params.n):
+                seed = None if params.seed is None else params.seed + j
+                reqs.append(
+                    self._make_req(prompt, replace(params, n=1, seed=seed), f"{rid}-{j}" if rid else None)
+                )
+        return reqs
+
+    def _wait(self, reqs: list[Req]) -> list[Req]:
+        done: queue.Queue = queue.Queue()
+        for req in reqs:
+            self._submit(req, lambda r, req=req: done.put(req) if r is None or r.finished else None)
+        for _ in reqs:
+            done.get()
+        if self._error is not None:
+            raise SglcError(f"engine is dead: {self._error}")
+        return reqs
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        rid: str | list[str] | None = None,
+        **logprob_options: Any,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Generate for one prompt (a dict back) or a list (a list back; n > 1 gives n per prompt)."""
+        prompts, batched = _prompts(prompt, input_ids)
+        params = SamplingParams.from_dict({**(sampling_params or {}), **logprob_options})
+        rids = [rid] if isinstance(rid, str) else rid
+        reqs = self._wait(self._expand(prompts, params, rids))
+        for req in reqs:
+            if req.finish is not None and req.finish.kind == "error":
+                raise SglcError(req.finish.message or "request failed")
+        outputs = [output_dict(r) for r in reqs]
+        return outputs if batched or params.n > 1 else outputs[0]
+
+    async def async_generate(
+        self,
+        prompt: str | None = None,
+        sampling_params: dict[str, Any] | None = None,
+        input_ids: list[int] | None = None,
+        rid: str | None = None,
+        stream: bool = True,
+        **logprob_options: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request: each item is the output so far (`text` held back where it could still
+        turn into a stop string); the last has `finish_reason` set. Closing the iterator aborts."""
+        prompts, _ = _prompts(prompt, input_ids)
+        params = SamplingParams.from_dict({**(sampling_params or {}), **logprob_options})
+        if params.n != 1:
+            raise SglcError("async_generate streams one sample; use n=1")
+        req = self._make_req(prompts[0], params, rid)
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        self._submit(req, lambda r: loop.call_soon_threadsafe(updates.put_nowait, r))
+        try:
+            while True:
+                r = await updates.get()
+                if r is None:
+                    raise SglcError(f"engine is dead: {self._error}")
+                if r.finish is not None and r.finish.kind == "error":
+                    raise SglcError(r.finish.message or "request failed")
+                if stream or r.finished:
+                    yield output_dict(r, r.stream_safe_len())
+                if r.finished:
+                    return
+        finally:
+            if not req.finished:
+                self.abort(req.rid)
+
+    def abort(self, rid: str) -> bool:
+        def do() -> bool:
+            req = self.scheduler.abort(rid)
+            if req is not None:
+                self._notify(req)
+            return req is not None
+
+        return self._call(do)
+
+    def flush_cache(self) -> bool:
+        return self._call(self.scheduler.flush_cache)
+
+    def get_stats(self) -> dict[str, float]:
+        stats = self._call(self.scheduler.stats)
+        stats["gen_throughput"] = stats["generated_tokens"] / max(time.perf_counter() - self._started, 1e-9)
+        return stats
+
+    def check_no_leaks(self) -> None:
+        self._call(self.scheduler.check_no_leaks)
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _prompts(prompt: Any, input_ids: Any) -> tuple[list[str | list[int]], bool]:
+    if (prompt is None) == (input_ids is None):
+        raise SglcError("give exactly one of prompt and input_ids")
+    if prompt is not None:
+        if isinstance(prompt, str):
+            return [prompt], False
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return list(prompt), True
+        raise SglcError("prompt must be a string or a non-empty list of strings")
+    if isinstance(input_ids, list) and input_ids and all(isinstance(t, int) for t in input_ids):
+        return [input_ids], False
+    if isinstance(input_ids, list) and input_ids and all(isinstance(x, list) for x in input_ids):
+        return list(input_ids), True
+    raise SglcError("input_ids must be a list of ints or a non-empty list of lists of ints")

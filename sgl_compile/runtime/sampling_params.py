@@ -1,0 +1,81 @@
+"""Per-request sampling parameters (SGLang's native names), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sgl_compile.errors import SglcError
+
+MAX_N = 64
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1
+    seed: int | None = None
+    # logprobs (SGLang passes these beside sampling_params; both spellings are accepted)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # -1: no prompt logprobs
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SglcError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
+        for key in ("stop", "stop_token_ids"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+            else:
+                d.pop(key, None)
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+                "max_new_tokens must be >= 0",
+            ),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k must be -1 or >= 1"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]"),
+            (
+                0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS,
+                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]",
+            ),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SglcError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)

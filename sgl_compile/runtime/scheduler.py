@@ -1,0 +1,319 @@
+"""Continuous-batching scheduler over the KV pool and radix cache.
+
+Each step is one forward: an extend batch (new prompts and chunks of long ones,
+under a token budget) when there is prefill work, else a decode step of every
+running request. A step is three phases: `schedule` (CPU: pick requests,
+allocate slots), `run` (the model and the sampler), `process` (CPU: append
+tokens, finish, cache). They are kept apart so that the GPU runtime can
+schedule step N+1 while step N runs.
+
+When decode runs out of KV slots the newest requests are retracted: their
+computed KV goes into the radix cache (unlocked, so it may be evicted) and they
+wait at the head of the queue with the tokens generated so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sgl_compile.driver import CompiledModel
+from sgl_compile.errors import SglcError
+from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool
+from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
+from sgl_compile.runtime.radix_cache import RadixCache
+from sgl_compile.runtime.request import FinishReason, Req
+from sgl_compile.runtime.sampler import SampleInput, sample
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("lpm", "fcfs")
+LPM_QUEUE_LIMIT = 128  # longest-prefix-match sorting costs a tree walk per request; above this, fcfs
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_total_tokens: int  # KV pool slots
+    context_length: int
+    chunked_prefill_size: int = 2048  # token budget of one extend batch; <= 0: no chunking
+    max_running_requests: int = 256
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule_policy not in POLICIES:
+            raise SglcError(
+                f"unknown schedule policy {self.schedule_policy!r} (valid: {', '.join(POLICIES)})"
+            )
+        if self.max_running_requests < 1:
+            raise SglcError("max_running_requests must be >= 1")
+
+
+class Scheduler:
+    def __init__(self, compiled: CompiledModel, cfg: SchedulerConfig) -> None:
+        c = compiled.config
+        self.cfg = cfg
+        self.kv = KVPool(
+            c.num_layers, cfg.max_total_tokens, c.num_kv_heads, c.head_dim, compiled.dtype, compiled.device
+        )
+        columns = min(cfg.context_length, cfg.max_total_tokens) + 1
+        self.table = ReqToTokenPool(cfg.max_running_requests, columns, compiled.device)
+        self.cache = RadixCache(self.kv.free, disabled=cfg.disable_radix_cache)
+        self.runner = ModelRunner(compiled, self.kv, self.table)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []  # admitted, in admission order
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+        self.generated_tokens = 0
+
+    # -- requests in and out --------------------------------------------------------
+    def add(self, req: Req) -> None:
+        """Queue a request, or finish it at once with an error if it can never run."""
+        need = len(req.prompt_ids) + req.params.max_new_tokens
+        if not req.prompt_ids:
+            req.finish = FinishReason("error", message="the prompt is empty")
+        elif len(req.prompt_ids) >= self.cfg.context_length:
+            req.finish = FinishReason(
+                "error",
+                message=f"prompt has {len(req.prompt_ids)} tokens; the context length is {self.cfg.context_length}",
+            )
+        elif min(need, self.cfg.context_length) > self.kv.size:
+            req.finish = FinishReason(
+                "error",
+                message=f"request needs up to {need} KV slots but the pool holds {self.kv.size} "
+                "(lower max_new_tokens or raise max_total_tokens)",
+            )
+        else:
+            self.waiting.append(req)
+
+    def abort(self, rid: str) -> Req | None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                req.finish = FinishReason("abort")
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self._release(req)
+                req.finish = FinishReason("abort")
+                return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def flush_cache(self) -> bool:
+        """Drop all cached prefixes; refused (False) while requests are in flight."""
+        if self.has_work():
+            return False
+        self.cache.flush()
+        return True
+
+    # -- one step -------------------------------------------------------------------
+    def step(self) -> list[Req]:
+        """Run one forward; return the requests that got a token or finished."""
+        batch = self.schedule()
+        if not batch:
+            return []
+        logits = self.runner.forward(self.runner.build(batch))
+        return self.process(batch, logits)
+
+    def schedule(self) -> list[ScheduledReq]:
+        batch = self._schedule_extend() or self._schedule_decode()
+        while not batch and len(self.running) > 1:
+            # Every running request is stuck waiting for KV (e.g. two half-done chunked prefills):
+            # retract the newest. One request alone always fits (checked in `add`).
+            self._retract(self.running[-1])
+            batch = self._schedule_extend() or self._schedule_decode()
+        return batch
+
+    def _free_slots(self, n: int) -> list[int] | None:
+        """n slots, evicting unlocked cached prefixes if the pool is short."""
+        if self.kv.available() < n:
+            self.cache.evict(n - self.kv.available())
+        return self.kv.alloc(n)
+
+    def _logit_positions(self, req: Req, start: int, end: int) -> list[int]:
+        rows = []
+        if req.wants_prompt_logprobs:  # rows p predict prompt token p + 1
+            next_token = req.params.logprob_start_len + len(req.input_logprobs)  # first not yet recorded
+            rows = list(range(max(start, next_token - 1), min(end, len(req.prompt_ids) - 1)))
+        if end == req.seq_len:
+            rows.append(end - 1)
+        return rows
+
+    def _waiting_in_policy_order(self) -> list[Req]:
+        if self.cfg.schedule_policy == "fcfs" or len(self.waiting) > LPM_QUEUE_LIMIT or self.cache.disabled:
+            return list(self.waiting)
+        matched = {id(r): len(self.cache.match_prefix(r.all_ids[:-1])[0]) for r in self.waiting}
+        return sorted(self.waiting, key=lambda r: -matched[id(r)])  # stable: ties keep queue order
+
+    def _schedule_extend(self) -> list[ScheduledReq]:
+        budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
+        batch: list[ScheduledReq] = []
+        partial = [r for r in self.running if r.seq_len - r.kv_len > 1]
+        for req in partial + self._waiting_in_policy_order():
+            if budget <= 0:
+                break
+            if not req.admitted and not self._admit(req):
+                break
+            chunk = min(req.seq_len - req.kv_len, budget)
+            slots = self._free_slots(chunk)
+            if slots is None:
+                if req not in partial:
+                    self._retract(req)  # admitted just now, but no room: back to the queue
+                break
+            start = req.kv_len
+            batch.append(
+                ScheduledReq(req, start, chunk, slots, self._logit_positions(req, start, start + chunk))
+            )
+            budget -= chunk
+        return batch
+
+    def _admit(self, req: Req) -> bool:
+        """Give a waiting request a table row and its cached prefix (locked)."""
+        if len(self.running) >= self.cfg.max_running_requests:
+            return False
+        decoding = sum(1 for r in self.running if r.seq_len - r.kv_len <= 1)
+        if self.kv.available() + self.cache.evictable_size < min(req.seq_len, 16) + decoding:
+            return False  # leave the running requests room for their next token
+        row = self.table.alloc()
+        if row is None:
+            return False
+        prefix, node = self.cache.match_prefix(req.all_ids[:-1])
+        self.cache.lock(node)
+        self.table.write(row, 0, prefix)
+        req.row, req.last_node, req.prefix_len, req.kv_len = row, node, len(prefix), len(prefix)
+        if not req.ever_admitted:
+            req.ever_admitted = True
+            req.cached_tokens = min(len(prefix), len(req.prompt_ids))
+            self.prompt_tokens += len(req.prompt_ids)
+            self.cached_prompt_tokens += req.cached_tokens
+        if req.wants_prompt_logprobs and req.params.logprob_start_len == 0 and not req.input_logprobs:
+            req.input_logprobs.append((None, req.prompt_ids[0]))
+            req.input_top_logprobs.append([])
+        req.admitted = True
+        self.waiting.remove(req)
+        self.running.append(req)
+        return True
+
+    def _schedule_decode(self) -> list[ScheduledReq]:
+        reqs = [r for r in self.running if r.seq_len - r.kv_len == 1]
+        while reqs and self.kv.available() < len(reqs):
+            self.cache.evict(len(reqs) - self.kv.available())
+            if self.kv.available() < len(reqs):
+                victim = reqs.pop()  # the newest
+                log.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)
+                self._retract(victim)
+        return [ScheduledReq(r, r.kv_len, 1, self.kv.alloc(1), [r.kv_len]) for r in reqs]
+
+    # -- after the forward ----------------------------------------------------------
+    def process(self, batch: list[ScheduledReq], logits: Tensor) -> list[Req]:
+        row, to_sample = 0, []
+        for s in batch:
+            req = s.req
+            rows = logits[row : row + len(s.logit_positions)]
+            row += len(s.logit_positions)
+            req.kv_len += s.length
+            self._record_prompt_logprobs(req, s, rows)
+            if s.length > 1:
+                self._cache_unfinished(req)
+            if s.samples:
+                to_sample.append((req, rows[-1]))
+        updated = [s.req for s in batch if s.samples]
+        sampling = [(r, lg) for r, lg in to_sample if r.params.max_new_tokens > 0]
+        for req, _ in to_sample:
+            if req.params.max_new_tokens == 0:  # prefill only (e.g. to share a prompt among n samples)
+                req.finish = FinishReason("length")
+        if sampling:
+            inputs = [SampleInput(r.params, r.generator, r.prompt_ids, r.output_ids) for r, _ in sampling]
+            out = sample(torch.stack([lg for _, lg in sampling]), inputs)
+            for i, (req, _) in enumerate(sampling):
+                token = out.tokens[i]
+                if out.logprobs is not None and req.params.return_logprob:
+                    req.output_logprobs.append((out.logprobs[i], token))
+                    req.output_top_logprobs.append(out.top_logprobs[i])
+                req.add_token(token, self.cfg.context_length)
+                self.generated_tokens += 1
+        for req in updated:
+            if req.finished:
+                self._release(req)
+        return updated
+
+    def _record_prompt_logprobs(self, req: Req, s: ScheduledReq, rows: Tensor) -> None:
+        if not req.wants_prompt_logprobs:
+            return
+        logprobs = None
+        for i, p in enumerate(s.logit_positions):
+            token_pos = p + 1
+            if token_pos >= len(req.prompt_ids):
+                continue
+            if logprobs is None:
+                logprobs = torch.log_softmax(rows.float(), dim=-1)
+            token = req.prompt_ids[token_pos]
+            req.input_logprobs.append((float(logprobs[i, token]), token))
+            k = req.params.top_logprobs_num
+            if k:
+                values, ids = torch.topk(logprobs[i], k)
+                req.input_top_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
+            else:
+                req.input_top_logprobs.append([])
+
+    # -- KV ownership ---------------------------------------------------------------
+    def _cache_unfinished(self, req: Req) -> None:
+        """Put the request's computed KV into the tree now, so others (and a retraction) can reuse it."""
+        if self.cache.disabled:
+            return
+        tokens = req.all_ids[: req.kv_len]
+        slots = self.table.slots(req.row, req.kv_len).tolist()
+        cached = self.cache.insert(tokens, slots)
+        self.kv.free(slots[req.prefix_len : cached])  # duplicates of slots the tree already had
+        tree_slots, node = self.cache.match_prefix(tokens)
+        self.table.write(req.row, 0, tree_slots)
+        self.cache.lock(node)
+        self.cache.unlock(req.last_node)
+        req.last_node, req.prefix_len = node, req.kv_len
+
+    def _release(self, req: Req) -> None:
+        """Hand the request's KV to the cache (or free it) and give back its table row."""
+        if req.row is None:
+            return
+        slots = self.table.slots(req.row, req.kv_len).tolist()
+        if self.cache.disabled:
+            self.kv.free(slots[req.prefix_len :])
+        else:
+            cached = self.cache.insert(req.all_ids[: req.kv_len], slots)
+            self.kv.free(slots[req.prefix_len : cached])
+            self.cache.unlock(req.last_node)
+        self.table.free(req.row)
+        req.row, req.last_node, req.kv_len, req.prefix_len = None, None, 0, 0
+        if req in self.running:
+            self.running.remove(req)
+
+    def _retract(self, req: Req) -> None:
+        self._release(req)
+        req.admitted = False
+        self.waiting.appendleft(req)
+
+    # -- introspection --------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        used = self.kv.size - self.kv.available()
+        return {
+            "num_running_reqs": len(self.running),
+            "num_queued_reqs": len(self.waiting),
+            "kv_used_tokens": used,
+            "kv_usage": used / self.kv.size,
+            "kv_cached_tokens": self.cache.total_size(),
+            "cache_hit_rate": self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
+            "generated_tokens": self.generated_tokens,
+        }
+
+    def check_no_leaks(self) -> None:
+        """With nothing in flight: every slot is free or owned by the cache, exactly once."""
+        self.cache.check_integrity()
+        assert self.kv.available() + self.cache.total_size() == self.kv.size, "KV slots leaked"
+        assert self.table.available() == self.cfg.max_running_requests, "table rows leaked"
