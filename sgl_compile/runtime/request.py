@@ -84,9 +84,7 @@ class Req:
             self.first_token_at = time.perf_counter()
         self.output_ids.append(token)
         p = self.params
-        if not p.ignore_eos and token in self.eos_ids:
-            self.finish = FinishReason("stop", token)
-        elif token in p.stop_token_ids:
+        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
             self.finish = FinishReason("stop", token)
         else:
             self.text += self.detok.push(token)

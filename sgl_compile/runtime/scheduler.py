@@ -69,6 +69,7 @@ class Scheduler:
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
         self.generated_tokens = 0
+        self.num_retractions = 0
 
     # -- requests in and out --------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -295,6 +296,7 @@ class Scheduler:
             self.running.remove(req)
 
     def _retract(self, req: Req) -> None:
+        self.num_retractions += 1
         self._release(req)
         req.admitted = False
         self.waiting.appendleft(req)
@@ -310,6 +312,7 @@ class Scheduler:
             "kv_cached_tokens": self.cache.total_size(),
             "cache_hit_rate": self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "generated_tokens": self.generated_tokens,
+            "num_retractions": self.num_retractions,
         }
 
     def check_no_leaks(self) -> None:
