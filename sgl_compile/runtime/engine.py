@@ -235,20 +235,27 @@ class Engine:
         req = self._make_req(prompts[0], params, rid)
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
-        self._submit(req, lambda r: loop.call_soon_threadsafe(updates.put_nowait, r))
+
+        def listener(r: Req | None) -> None:
+            # Snapshot on the scheduler thread: the Req keeps changing after this returns.
+            item = None if r is None else output_dict(r, r.stream_safe_len())
+            loop.call_soon_threadsafe(updates.put_nowait, item)
+
+        self._submit(req, listener)
+        finished = False
         try:
-            while True:
-                r = await updates.get()
-                if r is None:
+            while not finished:
+                item = await updates.get()
+                if item is None:
                     raise SglcError(f"engine is dead: {self._error}")
-                if r.finish is not None and r.finish.kind == "error":
-                    raise SglcError(r.finish.message or "request failed")
-                if stream or r.finished:
-                    yield output_dict(r, r.stream_safe_len())
-                if r.finished:
-                    return
+                finish = item["meta_info"]["finish_reason"]
+                finished = finish is not None
+                if finished and finish["type"] == "error":
+                    raise SglcError(finish.get("message", "request failed"))
+                if stream or finished:
+                    yield item
         finally:
-            if not req.finished:
+            if not finished:
                 self.abort(req.rid)
 
     def abort(self, rid: str) -> bool:
