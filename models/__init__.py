@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sgl_compile.models.config import ModelConfig
-from sgl_compile.models.llama import LlamaForCausalLM
-from sgl_compile.models.qwen3 import Qwen3ForCausalLM
 from torch import nn
 
 from sgl_compile.errors import SglcError
+from sgl_compile.models.config import ModelConfig
+from sgl_compile.models.llama import LlamaForCausalLM
+from sgl_compile.models.qwen3 import Qwen3ForCausalLM
 
 # Qwen2 is the Llama decoder with qkv bias, which the config's `attention_bias` carries.
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {

@@ -9,11 +9,11 @@ Parameter names follow HF checkpoints so safetensors load without renaming.
 from __future__ import annotations
 
 import torch
-from sgl_compile.models.config import ModelConfig
-from sgl_compile.models.rope import cos_sin_cache
 from torch import Tensor, nn
 
 from sgl_compile import ir
+from sgl_compile.models.config import ModelConfig
+from sgl_compile.models.rope import cos_sin_cache
 
 
 class RMSNorm(nn.Module):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from sgl_compile.models.config import ModelConfig
 from sgl_compile.models.llama import LlamaAttention, LlamaForCausalLM, RMSNorm
-from torch import Tensor
 
 
 class Qwen3Attention(LlamaAttention):

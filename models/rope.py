@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from sgl_compile.models.config import ModelConfig, RopeScaling
 from torch import Tensor
+
+from sgl_compile.models.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:

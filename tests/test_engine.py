@@ -18,8 +18,17 @@ GREEDY = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
 def _mixed_prompts(tok) -> list[list[int]]:
     """32 prompts from 3 to ~300 tokens: code, chat, prose, non-English, emoji."""
     texts = [t for t in prompts.CORPUS if t.strip()] + [prompts.LONG[: 40 * i] for i in range(1, 12)]
-    texts += [tok.apply_chat_template([{"role": "user", "content": q}]) for q in ("Hi!", "What is 2+2?", "Tell me a joke.")]
-    texts += [prompts.NON_ENGLISH * 2, prompts.CODE * 3, "Once upon a time", "1, 2, 3, 4,", "import numpy as np\n"]
+    texts += [
+        tok.apply_chat_template([{"role": "user", "content": q}])
+        for q in ("Hi!", "What is 2+2?", "Tell me a joke.")
+    ]
+    texts += [
+        prompts.NON_ENGLISH * 2,
+        prompts.CODE * 3,
+        "Once upon a time",
+        "1, 2, 3, 4,",
+        "import numpy as np\n",
+    ]
     texts += [prompts.MIXED[:20], "The quick brown fox", "Q: Why is the sky blue?\nA:", prompts.LONG]
     assert len(texts) >= 32
     return [tok.encode(t) for t in texts[:32]]
@@ -73,7 +82,9 @@ def test_greedy_chunked_prefill(smollm2_gguf, mixed, reference) -> None:
         # everything again: now mostly served from the cache, still the same tokens
         again = e.generate(input_ids=mixed, sampling_params=GREEDY)
         assert _ids(again) == reference
-        assert all(o["meta_info"]["cached_tokens"] >= len(ids) - 1 for o, ids in zip(again, mixed, strict=True))
+        assert all(
+            o["meta_info"]["cached_tokens"] >= len(ids) - 1 for o, ids in zip(again, mixed, strict=True)
+        )
         e.flush_cache()
         e.check_no_leaks()
 
@@ -89,7 +100,9 @@ def test_shared_system_prompt_hits_after_the_first(engine, smollm2) -> None:
     tok = smollm2.tokenizer
     system = "You are a meticulous assistant. " + prompts.LONG[:600]
     convs = [
-        tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}])
+        tok.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]
+        )
         for i in range(16)
     ]
     shared = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": system}], False)))
@@ -121,7 +134,10 @@ def test_request_that_can_never_fit_gets_a_clear_error(smollm2_gguf) -> None:
             e.generate("hello", {"max_new_tokens": 100})
         with pytest.raises(SglcError, match="context length"):
             e.generate(input_ids=[1] * 9000, sampling_params={"max_new_tokens": 1})
-        assert e.generate("hello", {"max_new_tokens": 4, "temperature": 0})["meta_info"]["completion_tokens"] == 4
+        assert (
+            e.generate("hello", {"max_new_tokens": 4, "temperature": 0})["meta_info"]["completion_tokens"]
+            == 4
+        )
 
 
 def test_abort_running_and_queued(smollm2_gguf, mixed, reference) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from sgl_compile.models import model_class
 from sgl_compile.models.config import ModelConfig
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sgl_compile.models.loading import load_model
 
+from sgl_compile.models.loading import load_model
 from tests.test_model_parity import assert_fp32_parity, hf_logits, ours_logits
 
 VOCAB = 49152  # SmolLM2's tokenizer is saved beside the weights

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from sgl_compile.errors import SglcError
 from sgl_compile.models.loading import load_model, open_checkpoint
 from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
 from sgl_compile.models.loading.gguf_file import read_gguf, unpermute_rotary
-
-from sgl_compile.errors import SglcError
 
 
 def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sgl_compile.models.loading import LoadedModel, load_model
 
+from sgl_compile.models.loading import LoadedModel, load_model
 from tests import prompts
 from tests.conftest import _hf_model
 

@@ -7,8 +7,8 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sgl_compile.models.loading import LoadedModel
 
+from sgl_compile.models.loading import LoadedModel
 from sgl_compile.tokenizer import IncrementalDetokenizer
 from tests import prompts
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from tqdm import tqdm
+
+from sgl_compile.errors import SglcError
 from sgl_compile.models import model_class
 from sgl_compile.models.config import ModelConfig
 from sgl_compile.models.loading.checkpoint import Checkpoint
@@ -17,10 +21,6 @@ from sgl_compile.models.loading.dummy import DUMMY_CONFIGS, open_dummy
 from sgl_compile.models.loading.gguf_file import open_gguf
 from sgl_compile.models.loading.hf_dir import open_hf_dir
 from sgl_compile.models.loading.pypi import ALIASES, DEFAULT_MODEL, cached_path, fetch
-from torch import nn
-from tqdm import tqdm
-
-from sgl_compile.errors import SglcError
 from sgl_compile.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from sgl_compile.models.config import ModelConfig
 from torch import Tensor
 
+from sgl_compile.models.config import ModelConfig
 from sgl_compile.tokenizer import Tokenizer
 
 # (device, dtype) -> tensors; loaders may ignore the hints (the caller casts and copies),

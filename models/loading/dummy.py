@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from sgl_compile.models import model_class
-from sgl_compile.models.config import ModelConfig, RopeScaling
-from sgl_compile.models.loading.checkpoint import Checkpoint
 from torch import Tensor
 
 from sgl_compile.errors import SglcError
+from sgl_compile.models import model_class
+from sgl_compile.models.config import ModelConfig, RopeScaling
+from sgl_compile.models.loading.checkpoint import Checkpoint
 from sgl_compile.tokenizer import byte_tokenizer
 
 _LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)

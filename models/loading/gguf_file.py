@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from sgl_compile.models.config import ModelConfig
-from sgl_compile.models.loading.checkpoint import Checkpoint
 from torch import Tensor
 
 from sgl_compile.errors import SglcError
+from sgl_compile.models.config import ModelConfig
+from sgl_compile.models.loading.checkpoint import Checkpoint
 from sgl_compile.tokenizer import tokenizer_from_gguf
 
 _GLOBAL_NAMES = {

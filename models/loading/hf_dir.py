@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from sgl_compile.models.config import ModelConfig
-from sgl_compile.models.loading.checkpoint import Checkpoint
 from torch import Tensor
 
 from sgl_compile.errors import SglcError
+from sgl_compile.models.config import ModelConfig
+from sgl_compile.models.loading.checkpoint import Checkpoint
 from sgl_compile.tokenizer import tokenizer_from_hf_dir
 
 

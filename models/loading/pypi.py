@@ -16,10 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sgl_compile.models.loading.gguf_file import read_gguf
 from tqdm import tqdm
 
 from sgl_compile.errors import SglcError
+from sgl_compile.models.loading.gguf_file import read_gguf
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def filtered_probs(logits: Tensor, p: SamplingParams) -> Tensor:
     if p.top_k > 0 and p.top_k < probs.shape[-1]:
         kth = torch.topk(probs, p.top_k).values[-1]
         probs = torch.where(probs >= kth, probs, 0.0)
+        probs = probs / probs.sum()  # top-p then measures mass within the top k
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
