@@ -70,6 +70,28 @@ def _generate(args: argparse.Namespace) -> None:
     print(json.dumps(out, ensure_ascii=False) if args.json else out["text"])
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from sgl_compile.server.app import ServerArgs, serve
+    from sgl_compile.server.scheduler_process import EngineArgs
+
+    engine = EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_total_tokens=args.max_total_tokens,
+        mem_fraction_static=args.mem_fraction_static,
+        context_length=args.context_length,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_running_requests=args.max_running_requests,
+        schedule_policy=args.schedule_policy,
+        disable_radix_cache=args.disable_radix_cache,
+    )
+    server = ServerArgs(
+        engine, args.host, args.port, args.api_key, args.served_model_name, args.max_queued_requests
+    )
+    return serve(server)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglc", description="sgl-compile: an LLM serving engine built as a compiler"
@@ -96,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
     p.add_argument("--json", action="store_true", help="print the whole output object as JSON")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible and SGLang native APIs)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=2048)
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--max-queued-requests", type=int, default=4096, help="beyond this, 503")
+    p.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs"])
+    p.add_argument("--disable-radix-cache", action="store_true")
+    p.set_defaults(func=_serve)
     p = sub.add_parser("info", help="show a model's config and tokenizer without loading weights")
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=_info)
@@ -105,15 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        code = func(args)
     except SglcError as e:
         print(f"sglc: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""HTTP server: OpenAI-compatible and SGLang-native APIs over a scheduler process."""

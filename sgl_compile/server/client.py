@@ -1,0 +1,152 @@
+"""The HTTP process's handle on the scheduler process: spawn it, submit, stream, abort, watch it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sgl_compile.errors import SglcError
+from sgl_compile.server.scheduler_process import (
+    Abort,
+    EngineArgs,
+    Failed,
+    Flush,
+    FlushDone,
+    Ready,
+    Submit,
+    Updates,
+    run_scheduler,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerDied(SglcError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, args: EngineArgs, on_update: Callable[[dict, float], None] | None = None) -> None:
+        self.args = args
+        self.on_update = on_update  # metrics hook: (snapshot, arrival time)
+        self._dir = tempfile.mkdtemp(prefix="sglc-ipc-")
+        self._ctx = zmq.asyncio.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._push.bind(f"ipc://{self._dir}/in")
+        self._pull.bind(f"ipc://{self._dir}/out")
+        self._proc = mp.get_context("spawn").Process(
+            target=run_scheduler, args=(args, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"), daemon=True
+        )
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._flushes: dict[int, asyncio.Future] = {}
+        self._tokens = itertools.count()
+        self.ready: Ready | None = None
+        self.stats: dict[str, float] = {}
+        self.dead = False
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, on_death: Callable[[], None]) -> Ready:
+        self._proc.start()
+        while True:
+            if await self._pull.poll(200):
+                msg = await self._pull.recv_pyobj()
+                break
+            if not self._proc.is_alive():
+                raise SglcError(f"the scheduler process exited during start-up (code {self._proc.exitcode})")
+        if isinstance(msg, Failed):
+            raise SglcError(msg.message)
+        assert isinstance(msg, Ready)
+        self.ready = msg
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch(on_death))]
+        return msg
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self._pull.recv_pyobj()
+            now = time.perf_counter()
+            if isinstance(msg, Updates):
+                self.stats = msg.stats
+                for out in msg.outputs:
+                    if self.on_update:
+                        self.on_update(out, now)
+                    queue = self._streams.get(out["meta_info"]["id"])
+                    if queue is not None:
+                        queue.put_nowait(out)
+            elif isinstance(msg, FlushDone) and msg.token in self._flushes:
+                self._flushes.pop(msg.token).set_result(msg.ok)
+
+    async def _watch(self, on_death: Callable[[], None]) -> None:
+        while self._proc.is_alive():
+            await asyncio.sleep(0.2)
+        if self.dead:  # we stopped it
+            return
+        self.dead = True
+        log.error("the scheduler process died (exit code %s); shutting down", self._proc.exitcode)
+        for queue in self._streams.values():
+            queue.put_nowait(None)
+        for fut in self._flushes.values():
+            fut.set_exception(SchedulerDied("the scheduler process died"))
+        on_death()
+
+    def _check(self) -> None:
+        if self.dead:
+            raise SchedulerDied("the scheduler process died")
+
+    async def generate(self, rid: str, input_ids: list[int], params: dict[str, Any]) -> AsyncIterator[dict]:
+        """Snapshots of the request as it progresses; the last has a finish_reason. Leaving early aborts."""
+        self._check()
+        if rid in self._streams:
+            raise SglcError(f"request id {rid!r} is already in use")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = queue
+        finished = False
+        try:
+            await self._push.send_pyobj(Submit(rid, input_ids, params))
+            while not finished:
+                out = await queue.get()
+                if out is None:
+                    raise SchedulerDied("the scheduler process died")
+                finished = out["meta_info"]["finish_reason"] is not None
+                yield out
+        finally:
+            del self._streams[rid]
+            if not finished and not self.dead:
+                await self._push.send_pyobj(Abort(rid))
+
+    async def abort(self, rid: str) -> None:
+        self._check()
+        await self._push.send_pyobj(Abort(rid))
+
+    async def flush(self) -> bool:
+        self._check()
+        token = next(self._tokens)
+        fut = asyncio.get_running_loop().create_future()
+        self._flushes[token] = fut
+        await self._push.send_pyobj(Flush(token))
+        return await fut
+
+    def running(self) -> int:
+        return len(self._streams)
+
+    async def shutdown(self) -> None:
+        self.dead = True
+        for task in self._tasks:
+            task.cancel()
+        if self._proc.is_alive():
+            await self._push.send_pyobj(None)
+            await asyncio.to_thread(self._proc.join, 10)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)
