@@ -185,7 +185,10 @@ class Scheduler:
         row = self.table.alloc()
         if row is None:
             return False
-        prefix, node = self.cache.match_prefix(req.all_ids[:-1])
+        limit = req.seq_len - 1  # the last token is always computed: its logits are sampled
+        if req.wants_prompt_logprobs:  # positions whose prompt logprobs are still owed must be computed
+            limit = min(limit, max(req.params.logprob_start_len + len(req.input_logprobs) - 1, 0))
+        prefix, node = self.cache.match_prefix(req.all_ids[:limit])
         self.cache.lock(node)
         self.table.write(row, 0, prefix)
         req.row, req.last_node, req.prefix_len, req.kv_len = row, node, len(prefix), len(prefix)

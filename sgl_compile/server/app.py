@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -256,6 +257,10 @@ def serve(args: ServerArgs) -> int:
     server = uvicorn.Server(config)
     exit_state["server"] = server
     started = time.perf_counter()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handler that
+    # was installed before it; make that a no-op so a requested shutdown ends with exit code 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if not server.started and exit_state["code"] == 0:
         return 1  # start-up failed (logged by uvicorn)
