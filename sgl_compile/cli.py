@@ -92,6 +92,137 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(server)
 
 
+def _dataset(args: argparse.Namespace, tokenizer) -> list:
+    from sgl_compile.bench import datasets
+
+    if args.dataset == "random":
+        return datasets.random_dataset(
+            tokenizer,
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            args.seed,
+        )
+    if args.dataset == "generated-shared-prefix":
+        return datasets.shared_prefix_dataset(
+            tokenizer, args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
+            args.gsp_question_len, args.gsp_output_len, args.seed,
+        )  # fmt: skip
+    if not args.dataset_path:
+        raise SglcError("--dataset sharegpt needs --dataset-path FILE.json")
+    return datasets.sharegpt_dataset(tokenizer, args.dataset_path, args.num_prompts, seed=args.seed)
+
+
+def _report(summary: dict, output_file: str | None) -> None:
+    from sgl_compile.bench.serve import print_table
+
+    print_table(summary)
+    if output_file:
+        with open(output_file, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    import httpx
+
+    from sgl_compile.bench import serve
+    from sgl_compile.models.loading import open_checkpoint
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        models = httpx.get(args.base_url + "/v1/models", headers=headers, timeout=30).json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        raise SglcError(f"cannot list models at {args.base_url}/v1/models: {e}") from None
+    name = args.served_model_name or models[0]["id"]
+    requests = _dataset(args, open_checkpoint(args.tokenizer or args.model).tokenizer)
+    summary = asyncio.run(
+        serve.run(args.base_url, name, requests, args.request_rate, args.max_concurrency, args.warmup_requests,
+                  args.api_key, args.seed)
+    )  # fmt: skip
+    summary.update(backend="openai-completions", base_url=args.base_url, dataset=args.dataset)
+    _report(summary, args.output_file)
+
+
+def _bench_offline(args: argparse.Namespace) -> None:
+    from sgl_compile.bench.offline import offline_throughput
+    from sgl_compile.runtime.engine import Engine
+
+    with Engine(
+        model=args.model, dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens,
+        chunked_prefill_size=args.chunked_prefill_size, max_running_requests=args.max_running_requests,
+        disable_radix_cache=args.disable_radix_cache,
+    ) as engine:  # fmt: skip
+        summary = offline_throughput(engine, _dataset(args, engine.tokenizer))
+    summary.update(model=args.model, dataset=args.dataset, device=args.device, dtype=args.dtype)
+    _report(summary, args.output_file)
+
+
+def _bench_latency(args: argparse.Namespace) -> None:
+    from sgl_compile.bench.offline import static_batch_latency
+
+    summary = static_batch_latency(
+        args.model, args.batch_size, args.input_len, args.output_len, args.dtype, args.device, args.seed
+    )
+    summary.update(model=args.model, device=args.device, dtype=args.dtype)
+    _report(summary, args.output_file)
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="random", choices=["random", "generated-shared-prefix", "sharegpt"])
+    p.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--random-input-len", type=int, default=256)
+    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--gsp-num-groups", type=int, default=8)
+    p.add_argument("--gsp-prompts-per-group", type=int, default=8)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=512)
+    p.add_argument("--gsp-question-len", type=int, default=64)
+    p.add_argument("--gsp-output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-file", default=None, help="write the results as JSON")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("serve", help="online benchmark of an OpenAI-compatible server")
+    p.add_argument("--base-url", default="http://127.0.0.1:30000")
+    p.add_argument("--model", default="smollm2-135m", help="model spec whose tokenizer builds the prompts")
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec, if not the model's")
+    p.add_argument(
+        "--served-model-name", default=None, help="model name to send (default: the server's first)"
+    )
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--warmup-requests", type=int, default=1)
+    _dataset_args(p)
+    p.set_defaults(func=_bench_serve)
+    p = bench.add_parser("offline", help="in-process engine throughput")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=2048)
+    p.add_argument("--max-running-requests", type=int, default=256)
+    p.add_argument("--disable-radix-cache", action="store_true")
+    _dataset_args(p)
+    p.set_defaults(func=_bench_offline)
+    p = bench.add_parser("latency", help="one static batch: prefill latency, decode step, tokens/s")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-file", default=None)
+    p.set_defaults(func=_bench_latency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglc", description="sgl-compile: an LLM serving engine built as a compiler"
@@ -135,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
     p.set_defaults(func=_serve)
+    _add_bench(sub)
     p = sub.add_parser("info", help="show a model's config and tokenizer without loading weights")
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=_info)

@@ -349,3 +349,59 @@ def test_scheduler_death_makes_the_server_exit_nonzero(smollm2_gguf: Path, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+BENCH_KEYS = [
+    "completed", "failed", "duration_s", "total_input_tokens", "total_output_tokens", "request_throughput",
+    "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
+    "median_itl_ms", "p95_itl_ms", "p99_itl_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
+    "mean_e2e_latency_ms", "median_e2e_latency_ms", "p99_e2e_latency_ms",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", ["random", "generated-shared-prefix"])
+def test_bench_serve_against_the_live_server(server, smollm2_gguf, tmp_path, dataset) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sgl_compile.cli",
+        "bench",
+        "serve",
+        "--base-url",
+        server[0],
+        "--api-key",
+        KEY,
+    ]
+    cmd += [
+        "--model",
+        str(smollm2_gguf),
+        "--dataset",
+        dataset,
+        "--num-prompts",
+        "8",
+        "--random-input-len",
+        "32",
+    ]
+    cmd += ["--random-output-len", "8", "--random-range-ratio", "0.5", "--gsp-num-groups", "2"]
+    cmd += ["--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "64", "--gsp-question-len", "8"]
+    cmd += [
+        "--gsp-output-len",
+        "8",
+        "--request-rate",
+        "50",
+        "--max-concurrency",
+        "4",
+        "--output-file",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    for key in BENCH_KEYS:
+        assert key in summary, key
+    expected = 8 * 8 if dataset == "generated-shared-prefix" else None
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    if expected:
+        assert summary["total_output_tokens"] == expected
+    assert summary["output_throughput"] > 0 and summary["mean_ttft_ms"] > 0 and summary["p99_itl_ms"] > 0

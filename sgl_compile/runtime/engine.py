@@ -169,24 +169,21 @@ class Engine:
             raise SglcError(f"engine is dead: {self._error}")
         self._commands.put(add)
 
-    def _expand(
-        self, prompts: list[str | list[int]], params: SamplingParams, rids: list[str] | None
-    ) -> list[Req]:
-        """One Req per (prompt, sample); n > 1 runs the prompt once first so the samples share its KV."""
-        reqs = []
-        for i, prompt in enumerate(prompts):
-            rid = rids[i] if rids else None
-            if params.n == 1:
-                reqs.append(self._make_req(prompt, params, rid))
-                continue
-            warm = self._make_req(prompt, replace(params, max_new_tokens=0, n=1, return_logprob=False), None)
-            self._wait([warm])
-            for j in range(params.n):
-                seed = None if params.seed is None else params.seed + j
-                reqs.append(
-                    self._make_req(prompt, replace(params, n=1, seed=seed), f"{rid}-{j}" if rid else None)
-                )
-        return reqs
+    def _expand(self, prompt: str | list[int], params: SamplingParams, rid: str | None) -> list[Req]:
+        """One Req per sample; n > 1 runs the prompt once first so that the samples share its KV."""
+        if params.n == 1:
+            return [self._make_req(prompt, params, rid)]
+        self._wait(
+            [self._make_req(prompt, replace(params, max_new_tokens=0, n=1, return_logprob=False), None)]
+        )
+        return [
+            self._make_req(
+                prompt,
+                replace(params, n=1, seed=None if params.seed is None else params.seed + j),
+                f"{rid}-{j}" if rid else None,
+            )
+            for j in range(params.n)
+        ]
 
     def _wait(self, reqs: list[Req]) -> list[Req]:
         done: queue.Queue = queue.Queue()
@@ -201,21 +198,30 @@ class Engine:
     def generate(
         self,
         prompt: str | list[str] | None = None,
-        sampling_params: dict[str, Any] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
         rid: str | list[str] | None = None,
         **logprob_options: Any,
     ) -> dict[str, Any] | list[dict[str, Any]]:
-        """Generate for one prompt (a dict back) or a list (a list back; n > 1 gives n per prompt)."""
+        """Generate for one prompt (a dict back) or a list (a list back; n > 1 gives n per prompt).
+        `sampling_params` may be a list, one per prompt."""
         prompts, batched = _prompts(prompt, input_ids)
-        params = SamplingParams.from_dict({**(sampling_params or {}), **logprob_options})
+        per_prompt = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        )
+        if len(per_prompt) != len(prompts):
+            raise SglcError(f"{len(per_prompt)} sampling_params for {len(prompts)} prompts")
+        params = [SamplingParams.from_dict({**(p or {}), **logprob_options}) for p in per_prompt]
         rids = [rid] if isinstance(rid, str) else rid
-        reqs = self._wait(self._expand(prompts, params, rids))
+        reqs = []
+        for i, (p, prm) in enumerate(zip(prompts, params, strict=True)):
+            reqs += self._expand(p, prm, rids[i] if rids else None)
+        reqs = self._wait(reqs)
         for req in reqs:
             if req.finish is not None and req.finish.kind == "error":
                 raise SglcError(req.finish.message or "request failed")
         outputs = [output_dict(r) for r in reqs]
-        return outputs if batched or params.n > 1 else outputs[0]
+        return outputs if batched or params[0].n > 1 else outputs[0]
 
     async def async_generate(
         self,

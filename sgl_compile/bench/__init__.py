@@ -1,0 +1,1 @@
+"""Benchmarks: `sglc bench serve` (any OpenAI-compatible server), `offline` (in-process), `latency`."""
