@@ -170,10 +170,8 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
             "port": args.port,
             "served_model_name": served,
         }
-        return info | {
-            "max_total_tokens": state().client.ready.max_total_tokens,
-            "stats": state().client.stats,
-        }
+        stats = await state().client.query("stats")  # fresh, not the last step's
+        return info | {"max_total_tokens": state().client.ready.max_total_tokens, "stats": stats}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -181,7 +179,7 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
 
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
-        if await state().client.flush():
+        if await state().client.query("flush"):
             return PlainTextResponse("Cache flushed.")
         return JSONResponse(error_body("requests are in flight; the cache was not flushed"), status_code=400)
 

@@ -20,9 +20,9 @@ from sgl_compile.server.scheduler_process import (
     Abort,
     EngineArgs,
     Failed,
-    Flush,
-    FlushDone,
+    Query,
     Ready,
+    Reply,
     Submit,
     Updates,
     run_scheduler,
@@ -49,7 +49,7 @@ class EngineClient:
             target=run_scheduler, args=(args, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"), daemon=True
         )
         self._streams: dict[str, asyncio.Queue] = {}
-        self._flushes: dict[int, asyncio.Future] = {}
+        self._queries: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
         self.ready: Ready | None = None
         self.stats: dict[str, float] = {}
@@ -83,8 +83,8 @@ class EngineClient:
                     queue = self._streams.get(out["meta_info"]["id"])
                     if queue is not None:
                         queue.put_nowait(out)
-            elif isinstance(msg, FlushDone) and msg.token in self._flushes:
-                self._flushes.pop(msg.token).set_result(msg.ok)
+            elif isinstance(msg, Reply) and msg.token in self._queries:
+                self._queries.pop(msg.token).set_result(msg.value)
 
     async def _watch(self, on_death: Callable[[], None]) -> None:
         while self._proc.is_alive():
@@ -95,7 +95,7 @@ class EngineClient:
         log.error("the scheduler process died (exit code %s); shutting down", self._proc.exitcode)
         for queue in self._streams.values():
             queue.put_nowait(None)
-        for fut in self._flushes.values():
+        for fut in self._queries.values():
             fut.set_exception(SchedulerDied("the scheduler process died"))
         on_death()
 
@@ -128,12 +128,13 @@ class EngineClient:
         self._check()
         await self._push.send_pyobj(Abort(rid))
 
-    async def flush(self) -> bool:
+    async def query(self, kind: str) -> Any:
+        """Ask the scheduler between steps: "flush" -> whether the cache was flushed, "stats" -> dict."""
         self._check()
         token = next(self._tokens)
         fut = asyncio.get_running_loop().create_future()
-        self._flushes[token] = fut
-        await self._push.send_pyobj(Flush(token))
+        self._queries[token] = fut
+        await self._push.send_pyobj(Query(token, kind))
         return await fut
 
     def running(self) -> int:

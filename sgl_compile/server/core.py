@@ -13,7 +13,7 @@ from sgl_compile.runtime.engine import default_max_total_tokens, output_dict
 from sgl_compile.runtime.request import FinishReason, Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
-from sgl_compile.server.scheduler_process import Abort, EngineArgs, Flush, FlushDone, Ready, Submit, Updates
+from sgl_compile.server.scheduler_process import Abort, EngineArgs, Query, Ready, Reply, Submit, Updates
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ class SchedulerCore:
         if isinstance(msg, Abort):
             req = self.scheduler.abort(msg.rid)
             return [req] if req else []
-        if isinstance(msg, Flush):
-            push.send_pyobj(FlushDone(msg.token, self.scheduler.flush_cache()))
+        if isinstance(msg, Query):
+            answer = self.scheduler.flush_cache() if msg.kind == "flush" else self.scheduler.stats()
+            push.send_pyobj(Reply(msg.token, answer))
         elif msg is None:
             self.stopping = True
         return []

@@ -1,8 +1,8 @@
 """The scheduler process: owns the compiled model and the Scheduler; talks to the HTTP process over ZeroMQ.
 
-Inbound (PULL): `Submit`, `Abort`, `Flush`. Outbound (PUSH): one `Updates` message
+Inbound (PULL): `Submit`, `Abort`, `Query`. Outbound (PUSH): one `Updates` message
 per step with a snapshot of every request that changed, plus the scheduler's
-stats, and `FlushDone` replies. The first message out is `Ready` (or `Failed`).
+stats, and a `Reply` to each `Query`. The first message out is `Ready` (or `Failed`).
 """
 
 from __future__ import annotations
@@ -30,14 +30,17 @@ class Abort:
 
 
 @dataclass
-class Flush:
+class Query:
+    """A question answered between steps: "flush" (-> bool) or "stats" (-> dict)."""
+
     token: int
+    kind: str
 
 
 @dataclass
-class FlushDone:
+class Reply:
     token: int
-    ok: bool
+    value: Any
 
 
 @dataclass
