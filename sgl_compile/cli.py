@@ -92,6 +92,19 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(server)
 
 
+def _compile(args: argparse.Namespace) -> None:
+    from sgl_compile.driver import compile_model
+    from sgl_compile.ir.printer import format_graph
+
+    def show(label: str, gm) -> None:
+        print(f"==== {label} ====\n{format_graph(gm)}\n")
+
+    compiled = compile_model(args.model, args.dtype, "cpu", observe=show if args.print_ir else None)
+    print("passes:")
+    for report in compiled.reports:
+        print(f"  {report}")
+
+
 def _dataset(args: argparse.Namespace, tokenizer) -> list:
     from sgl_compile.bench import datasets
 
@@ -266,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs"])
     p.add_argument("--disable-radix-cache", action="store_true")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("compile", help="capture a model and run the passes; --print-ir shows each step")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--print-ir", action="store_true", help="print the graph before and after every pass")
+    p.set_defaults(func=_compile)
     _add_bench(sub)
     p = sub.add_parser("info", help="show a model's config and tokenizer without loading weights")
     p.add_argument("--model", default="smollm2-135m")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,17 @@ class CompiledModel:
     reports: list[PassReport]
 
 
-def compile_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> CompiledModel:
+def compile_model(
+    model: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    device: str = "cpu",
+    observe: Callable[[str, fx.GraphModule], None] | None = None,
+) -> CompiledModel:
+    """`observe(label, gm)` sees the program as captured and after every pass (`sglc compile --print-ir`)."""
     loaded = load_model(model, resolve_dtype(dtype), device)
     start = time.perf_counter()
     gm = capture(loaded.model, max_tokens=loaded.config.max_position_embeddings)
-    reports = run_passes(gm, DEFAULT_PASSES)
+    reports = run_passes(gm, DEFAULT_PASSES, observe)
     log.info(
         "compiled %s in %.1fs: %s", loaded.source, time.perf_counter() - start, "; ".join(map(str, reports))
     )

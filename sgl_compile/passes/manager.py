@@ -24,17 +24,18 @@ class PassReport:
 def run_passes(
     gm: fx.GraphModule,
     passes: Sequence[tuple[str, Pass]],
-    dump: Callable[[str, fx.GraphModule], None] | None = None,
+    observe: Callable[[str, fx.GraphModule], None] | None = None,
 ) -> list[PassReport]:
-    """Apply `passes` to `gm` in order. `dump(label, gm)` sees the graph before the first and after each."""
-    if dump:
-        dump("captured", gm)
+    """Apply `passes` to `gm` in order. `observe(label, gm)` sees the graph before the first pass and after
+    each (to print the IR, or, in tests, to check the program against the reference)."""
+    if observe:
+        observe("captured", gm)
     reports = []
     for name, rewrite in passes:
         counts = rewrite(gm)
         gm.graph.lint()
         gm.recompile()
         reports.append(PassReport(name, counts))
-        if dump:
-            dump(f"after {name}", gm)
+        if observe:
+            observe(f"after {name}", gm)
     return reports

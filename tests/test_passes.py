@@ -1,0 +1,100 @@
+"""The pass pipeline: after every pass the program still computes the reference model's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+from sgl_compile.ir.capture import capture, input_names
+from sgl_compile.models.loading import LoadedModel, load_model
+from sgl_compile.passes import DEFAULT_PASSES, run_passes
+
+
+def _run(gm: fx.GraphModule, m: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """One sequence through the program at whatever stage it is (before or after attention lowering)."""
+    c, t = m.config, len(ids)
+    cache = torch.zeros(c.num_layers, t, c.num_kv_heads, c.head_dim, dtype=next(m.model.parameters()).dtype)
+    available = {
+        "input_ids": ids, "positions": torch.arange(t), "logits_indices": torch.arange(t),
+        "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": torch.arange(t),
+        "qo_indptr": torch.tensor([0, t]), "kv_indptr": torch.tensor([0, t]), "kv_indices": torch.arange(t),
+    }  # fmt: skip
+    with torch.no_grad():
+        return gm(**{name: available[name] for name in input_names(gm)}).float()
+
+
+def _check_every_pass(m: LoadedModel, rtol: float) -> list:
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, m.config.vocab_size, (n,), generator=gen) for n in (1, 7, 40)]
+    with torch.no_grad():
+        refs = [m.model(ids, torch.arange(len(ids))).float() for ids in batches]
+    checked = []
+
+    def check(label: str, gm: fx.GraphModule) -> None:
+        for ids, ref in zip(batches, refs, strict=True):
+            got = _run(gm, m, ids)
+            diff = (got - ref).abs().max().item()
+            assert diff <= rtol * ref.abs().max().item(), f"{label}: max |diff| {diff}"
+            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= (1.0 if rtol < 1e-3 else 0.9), label
+        checked.append(label)
+
+    gm = capture(m.model, m.config.max_position_embeddings)
+    reports = run_passes(gm, DEFAULT_PASSES, check)
+    assert checked == ["captured"] + [f"after {name}" for name, _ in DEFAULT_PASSES]
+    return reports
+
+
+def _counts(reports) -> dict[str, int]:
+    return {k: v for r in reports for k, v in r.counts.items()}
+
+
+@pytest.mark.parametrize("name", ["smollm2", "qwen05"])
+def test_every_pass_preserves_fp32_logits_and_fuses_every_layer(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    m = request.getfixturevalue(name)
+    layers = m.config.num_layers
+    counts = _counts(_check_every_pass(m, rtol=1e-5))
+    assert counts == {
+        "logits_pruned": 1,
+        "qkv_merged": layers,
+        "gate_up_merged": layers,
+        "fused_add_rms_norm": 2 * layers - 1,  # every residual add but the last, whose norm sees pruned rows
+        "paged_attention": layers,
+    }
+
+
+def test_every_pass_preserves_bf16_logits(smollm2_gguf) -> None:
+    """bf16: each pass reorders roundings (a merged GEMM, a fused add), so logits move by a few bf16 ulps
+    of their magnitude; 2% of the largest logit is far above that and far below a wrong program's error."""
+    _check_every_pass(load_model(str(smollm2_gguf), "bfloat16"), rtol=2e-2)
+
+
+def test_merged_weights_replace_the_originals(smollm2) -> None:
+    gm = capture(smollm2.model, 8192)
+    run_passes(gm, DEFAULT_PASSES)
+    names = {n for n, _ in gm.named_parameters()}
+    assert (
+        "model.layers.0.self_attn.qkv_proj_weight" in names
+        and "model.layers.0.mlp.gate_up_proj_weight" in names
+    )
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight", "up_proj.weight")) for n in names)
+    n_params = sum(p.numel() for p in gm.parameters())
+    assert n_params == sum(p.numel() for p in smollm2.model.parameters())
+
+
+def test_cli_print_ir_shows_each_pass(smollm2_gguf) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sgl_compile.cli", "compile", "--model", str(smollm2_gguf), "--print-ir"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sections = r.stdout.split("==== ")
+    labels = [s.split(" ====")[0] for s in sections[1:]]
+    assert labels == ["captured"] + [f"after {name}" for name, _ in DEFAULT_PASSES]
+    captured, final = sections[1], sections[-1]
+    assert captured.count("= sglc.attention(") == 30 and "sglc.fused_add_rms_norm" not in captured
+    assert final.count("= sglc.fused_add_rms_norm(") == 59 and final.count("= sglc.paged_attention(") == 30
+    assert final.count("qkv_proj_weight)") == 30 and "fuse_add_rms_norm: fused_add_rms_norm=59" in r.stdout
