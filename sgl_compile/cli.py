@@ -71,8 +71,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from sgl_compile.runtime.launch import EngineArgs
     from sgl_compile.server.app import ServerArgs, serve
-    from sgl_compile.server.scheduler_process import EngineArgs
 
     engine = EngineArgs(
         model=args.model,

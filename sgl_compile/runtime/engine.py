@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -19,32 +17,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
-import torch
-
-from sgl_compile.driver import CompiledModel, compile_model
 from sgl_compile.errors import SglcError
-from sgl_compile.models.loading import DEFAULT_MODEL
-from sgl_compile.runtime.kv_pool import KVPool
+from sgl_compile.runtime.launch import EngineArgs, launch
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
-from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[Req], None]
-CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when max_total_tokens is not given
-
-
-def default_max_total_tokens(compiled: CompiledModel, mem_fraction_static: float) -> int:
-    c = compiled.config
-    per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, compiled.dtype)
-    if compiled.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(compiled.device)
-        budget = int(free * mem_fraction_static)
-    else:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = min(CPU_KV_BUDGET, available // 4)
-    return max(budget // per_token, 1)
 
 
 def output_dict(req: Req, text_len: int | None = None) -> dict[str, Any]:
@@ -67,42 +47,16 @@ def output_dict(req: Req, text_len: int | None = None) -> dict[str, Any]:
 
 
 class Engine:
-    """Options carry the CLI flags' names: Engine(model=..., dtype=..., max_total_tokens=..., ...)."""
+    """Engine(model=..., dtype=..., max_total_tokens=..., ...): the options of `EngineArgs`, named like the
+    CLI flags; or Engine(EngineArgs(...))."""
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        dtype: str = "float32",
-        device: str = "cpu",
-        max_total_tokens: int | None = None,
-        mem_fraction_static: float = 0.85,
-        context_length: int | None = None,
-        chunked_prefill_size: int = 2048,
-        max_running_requests: int = 256,
-        schedule_policy: str = "lpm",
-        disable_radix_cache: bool = False,
-    ) -> None:
-        self.compiled = compile_model(model, dtype, device)
+    def __init__(self, args: EngineArgs | None = None, **options: Any) -> None:
+        launched = launch(args or EngineArgs(**options))
+        self.compiled, self.scheduler = launched.compiled, launched.scheduler
         self.tokenizer = self.compiled.tokenizer
-        cfg = self.compiled.config
-        self.context_length = min(context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        slots = max_total_tokens or default_max_total_tokens(self.compiled, mem_fraction_static)
-        self.scheduler = Scheduler(
-            self.compiled,
-            SchedulerConfig(
-                slots,
-                self.context_length,
-                chunked_prefill_size,
-                max_running_requests,
-                schedule_policy,
-                disable_radix_cache,
-            ),
-        )
-        self.eos_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        log.info("KV pool: %d tokens (%.1f MiB)", slots, (self.scheduler.kv.k.nbytes * 2) / (1 << 20))
+        self.context_length, self.eos_ids = launched.context_length, launched.eos_ids
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._listeners: dict[str, Listener] = {}
-        self._counter = itertools.count()
         self._error: BaseException | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglc-scheduler", daemon=True)

@@ -166,7 +166,7 @@ class Scheduler:
             slots = self._free_slots(chunk)
             if slots is None:
                 if req not in partial:
-                    self._retract(req)  # admitted just now, but no room: back to the queue
+                    self._requeue(req)  # admitted just now, but no room: back to the queue
                 break
             start = req.kv_len
             batch.append(
@@ -298,11 +298,14 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
 
-    def _retract(self, req: Req) -> None:
-        self.num_retractions += 1
+    def _requeue(self, req: Req) -> None:
         self._release(req)
         req.admitted = False
         self.waiting.appendleft(req)
+
+    def _retract(self, req: Req) -> None:
+        self.num_retractions += 1
+        self._requeue(req)
 
     # -- introspection --------------------------------------------------------------
     def stats(self) -> dict[str, float]:

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sgl_compile.errors import SglcError
 from sgl_compile.models.loading import open_checkpoint
+from sgl_compile.runtime.launch import EngineArgs
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.server.client import EngineClient, SchedulerDied
 from sgl_compile.server.metrics import Metrics
@@ -36,7 +37,6 @@ from sgl_compile.server.protocol import (
     CompletionRequest,
     GenerateRequest,
 )
-from sgl_compile.server.scheduler_process import EngineArgs
 from sgl_compile.server.state import RequestError, ServerState
 
 log = logging.getLogger("sgl_compile.server")

@@ -16,9 +16,9 @@ import zmq
 import zmq.asyncio
 
 from sgl_compile.errors import SglcError
+from sgl_compile.runtime.launch import EngineArgs
 from sgl_compile.server.scheduler_process import (
     Abort,
-    EngineArgs,
     Failed,
     Query,
     Ready,

@@ -7,38 +7,21 @@ import signal
 
 import zmq
 
-from sgl_compile.driver import compile_model
 from sgl_compile.errors import SglcError
-from sgl_compile.runtime.engine import default_max_total_tokens, output_dict
+from sgl_compile.runtime.engine import output_dict
+from sgl_compile.runtime.launch import EngineArgs, launch
 from sgl_compile.runtime.request import FinishReason, Req
 from sgl_compile.runtime.sampling_params import SamplingParams
-from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
-from sgl_compile.server.scheduler_process import Abort, EngineArgs, Query, Ready, Reply, Submit, Updates
+from sgl_compile.server.scheduler_process import Abort, Query, Ready, Reply, Submit, Updates
 
 log = logging.getLogger(__name__)
 
 
 class SchedulerCore:
     def __init__(self, args: EngineArgs) -> None:
-        self.compiled = compile_model(args.model, args.dtype, args.device)
-        cfg = self.compiled.config
-        self.context_length = min(
-            args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings
-        )
-        slots = args.max_total_tokens or default_max_total_tokens(self.compiled, args.mem_fraction_static)
-        self.scheduler = Scheduler(
-            self.compiled,
-            SchedulerConfig(
-                slots,
-                self.context_length,
-                args.chunked_prefill_size,
-                args.max_running_requests,
-                args.schedule_policy,
-                args.disable_radix_cache,
-            ),
-        )
-        self.eos_ids = frozenset(cfg.eos_token_ids) | frozenset(self.compiled.tokenizer.eos_token_ids)
-        log.info("KV pool: %d tokens, context length %d", slots, self.context_length)
+        launched = launch(args)
+        self.compiled, self.scheduler = launched.compiled, launched.scheduler
+        self.context_length, self.eos_ids = launched.context_length, launched.eos_ids
         self.stopping = False
 
     def ready(self) -> Ready:

@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from sgl_compile.errors import SglcError
+from sgl_compile.runtime.launch import EngineArgs
 
 
 @dataclass
@@ -60,20 +61,6 @@ class Failed:
 class Updates:
     outputs: list[dict[str, Any]]  # engine.output_dict snapshots (text held back for stop strings)
     stats: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class EngineArgs:
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_total_tokens: int | None = None
-    mem_fraction_static: float = 0.85
-    context_length: int | None = None
-    chunked_prefill_size: int = 2048
-    max_running_requests: int = 256
-    schedule_policy: str = "lpm"
-    disable_radix_cache: bool = False
 
 
 def run_scheduler(args: EngineArgs, inbound: str, outbound: str) -> None:

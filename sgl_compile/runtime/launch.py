@@ -1,0 +1,79 @@
+"""Engine options and what they build: the compiled model, the scheduler over its KV pool.
+
+Shared by the in-process `Engine` and the server's scheduler process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sgl_compile.driver import CompiledModel, compile_model
+from sgl_compile.models.loading import DEFAULT_MODEL
+from sgl_compile.runtime.kv_pool import KVPool
+from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when max_total_tokens is not given
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The engine's options, named like the CLI flags (`--max-total-tokens` -> max_total_tokens)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_total_tokens: int | None = None  # KV pool slots; default from a memory budget
+    mem_fraction_static: float = 0.85  # of free GPU memory, for the KV pool
+    context_length: int | None = None
+    chunked_prefill_size: int = 2048
+    max_running_requests: int = 256
+    schedule_policy: str = "lpm"
+    disable_radix_cache: bool = False
+
+
+@dataclass
+class Launched:
+    compiled: CompiledModel
+    scheduler: Scheduler
+    context_length: int
+    eos_ids: frozenset[int]
+
+
+def default_max_total_tokens(compiled: CompiledModel, mem_fraction_static: float) -> int:
+    c = compiled.config
+    per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, compiled.dtype)
+    if compiled.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(compiled.device)
+        budget = int(free * mem_fraction_static)
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        budget = min(CPU_KV_BUDGET, available // 4)
+    return max(budget // per_token, 1)
+
+
+def launch(args: EngineArgs) -> Launched:
+    compiled = compile_model(args.model, args.dtype, args.device)
+    cfg = compiled.config
+    context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    slots = args.max_total_tokens or default_max_total_tokens(compiled, args.mem_fraction_static)
+    scheduler = Scheduler(
+        compiled,
+        SchedulerConfig(
+            slots,
+            context,
+            args.chunked_prefill_size,
+            args.max_running_requests,
+            args.schedule_policy,
+            args.disable_radix_cache,
+        ),
+    )
+    mib = 2 * scheduler.kv.k.nbytes / (1 << 20)
+    log.info("KV pool: %d tokens (%.1f MiB), context length %d", slots, mib, context)
+    eos = frozenset(cfg.eos_token_ids) | frozenset(compiled.tokenizer.eos_token_ids)
+    return Launched(compiled, scheduler, context, eos)
