@@ -442,3 +442,19 @@ def test_schemathesis_finds_no_server_errors(server) -> None:
         _fuzz(op, url, failures)()
     assert not failures, failures[:3]
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_overload_is_a_503_not_a_dropped_connection() -> None:
+    """Beyond --max-queued-requests in flight, new requests get 503 with an error body (queue state faked)."""
+    import asyncio as aio
+
+    from sgl_compile.server.state import RequestError, ServerState
+
+    class Busy:
+        def running(self) -> int:
+            return 8
+
+    state = ServerState(Busy(), None, None, "m", "m", max_queued_requests=8)
+    with pytest.raises(RequestError) as e:
+        aio.run(state.run_all("r", [[1, 2]], [{}], 1))
+    assert e.value.status == 503 and "overloaded" in str(e.value)
