@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -23,15 +22,15 @@ def _finish(meta: dict) -> str | None:
     return None if f is None else FINISH.get(f["type"], f["type"])
 
 
-def _usage(outs: list[dict]) -> dict[str, Any]:
-    prompt = outs[0]["meta_info"]["prompt_tokens"] if outs else 0
+def _usage(outs: list[dict], prompt_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI usage. `prompt_tokens` is the sum over a batch of prompts; by default, the one prompt's."""
+    prompt = outs[0]["meta_info"]["prompt_tokens"] if prompt_tokens is None else prompt_tokens
     completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    cached = outs[0]["meta_info"]["cached_tokens"] if outs else 0
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens_details": {"cached_tokens": outs[0]["meta_info"]["cached_tokens"]},
     }
 
 
@@ -120,10 +119,7 @@ class OpenAIServing:
         choices = [
             self._completion_choice(i, out, jobs[i // req.n].input_ids, req) for i, out in enumerate(outs)
         ]
-        usage = _usage(outs)
-        usage["prompt_tokens"] = sum(len(j.input_ids) for j in jobs)
-        usage["completion_tokens"] = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage = _usage(outs, sum(len(j.input_ids) for j in jobs))
         body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model}
         return JSONResponse({**body, "choices": choices, "usage": usage})
 
@@ -189,9 +185,7 @@ class OpenAIServing:
                 }
             )
         if req.stream_options and req.stream_options.include_usage:
-            usage = _usage(finals)
-            usage["prompt_tokens"] = sum(len(j.input_ids) for j in jobs)
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            usage = _usage(finals, sum(len(j.input_ids) for j in jobs))
             body = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
             yield _sse({**body, "choices": [], "usage": usage})
         yield _sse("[DONE]")
@@ -296,9 +290,7 @@ class OpenAIServing:
             try:
                 async for chunk in chunks:
                     yield chunk
-            except RequestError as e:
+            except RequestError as e:  # a client that goes away cancels this; the generators' finally aborts
                 yield _sse({"error": {"message": str(e), "type": "invalid_request_error", "param": e.param}})
-            except asyncio.CancelledError:  # the client went away: the generators' finally blocks abort
-                raise
 
         return StreamingResponse(guarded(), media_type="text/event-stream")
