@@ -60,9 +60,7 @@ def _generate(args: argparse.Namespace) -> None:
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     params.update({"top_k": args.top_k, "seed": args.seed, "ignore_eos": args.ignore_eos})
     SamplingParams.from_dict(params)  # reject bad values before loading the model
-    with Engine(
-        model=args.model, dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens
-    ) as e:
+    with Engine(_engine_args(args)) as e:
         prompt = args.prompt
         if args.chat:
             prompt = e.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -71,38 +69,37 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sgl_compile.runtime.launch import EngineArgs
     from sgl_compile.server.app import ServerArgs, serve
 
-    engine = EngineArgs(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_total_tokens=args.max_total_tokens,
-        mem_fraction_static=args.mem_fraction_static,
-        context_length=args.context_length,
-        chunked_prefill_size=args.chunked_prefill_size,
-        max_running_requests=args.max_running_requests,
-        schedule_policy=args.schedule_policy,
-        disable_radix_cache=args.disable_radix_cache,
-    )
     server = ServerArgs(
-        engine, args.host, args.port, args.api_key, args.served_model_name, args.max_queued_requests
+        _engine_args(args),
+        args.host,
+        args.port,
+        args.api_key,
+        args.served_model_name,
+        args.max_queued_requests,
     )
     return serve(server)
 
 
 def _compile(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from sgl_compile.driver import compile_model
     from sgl_compile.ir.printer import format_graph
+    from sgl_compile.runtime.launch import compile_options
 
     def show(label: str, gm) -> None:
         print(f"==== {label} ====\n{format_graph(gm)}\n")
 
-    compiled = compile_model(args.model, args.dtype, "cpu", observe=show if args.print_ir else None)
+    compiled = compile_model(compile_options(_engine_args(args)), observe=show if args.print_ir else None)
     print("passes:")
     for report in compiled.reports:
         print(f"  {report}")
+    if args.out:
+        from sgl_compile.artifact import save_artifact
+
+        print(f"artifact: {save_artifact(compiled, Path(args.out))}")
 
 
 def _dataset(args: argparse.Namespace, tokenizer) -> list:
@@ -163,11 +160,7 @@ def _bench_offline(args: argparse.Namespace) -> None:
     from sgl_compile.bench.offline import offline_throughput
     from sgl_compile.runtime.engine import Engine
 
-    with Engine(
-        model=args.model, dtype=args.dtype, device=args.device, max_total_tokens=args.max_total_tokens,
-        chunked_prefill_size=args.chunked_prefill_size, max_running_requests=args.max_running_requests,
-        disable_radix_cache=args.disable_radix_cache,
-    ) as engine:  # fmt: skip
+    with Engine(_engine_args(args)) as engine:
         summary = offline_throughput(engine, _dataset(args, engine.tokenizer))
     summary.update(model=args.model, dataset=args.dataset, device=args.device, dtype=args.dtype)
     _report(summary, args.output_file)
@@ -177,10 +170,50 @@ def _bench_latency(args: argparse.Namespace) -> None:
     from sgl_compile.bench.offline import static_batch_latency
 
     summary = static_batch_latency(
-        args.model, args.batch_size, args.input_len, args.output_len, args.dtype, args.device, args.seed
+        _engine_args(args), args.batch_size, args.input_len, args.output_len, args.seed
     )
     summary.update(model=args.model, device=args.device, dtype=args.dtype)
     _report(summary, args.output_file)
+
+
+# Help for the EngineArgs fields, which become flags of every command that runs the engine.
+_ENGINE_HELP = {
+    "model": "alias, .gguf file, HF directory or dummy:NAME (see sglc models)",
+    "quantization": "weight quantization: int8 | int4 | fp8",
+    "attention_backend": "torch (CPU reference) | triton (CUDA); default by device",
+    "compiled": "start from an artifact of sglc compile --out (model and compile options come from it)",
+    "max_total_tokens": "KV pool size in tokens (default: from a memory budget)",
+    "mem_fraction_static": "fraction of free GPU memory for the KV pool",
+    "schedule_policy": "lpm (longest prefix match) | fcfs",
+}
+_COMPILE_FIELDS = ("model", "dtype", "device", "quantization", "attention_backend")
+
+
+def _engine_flags(p: argparse.ArgumentParser, compile_only: bool = False) -> None:
+    from sgl_compile.runtime.launch import EngineArgs
+
+    for f in dataclasses.fields(EngineArgs):
+        if compile_only and f.name not in _COMPILE_FIELDS:
+            continue
+        flag, help_text = "--" + f.name.replace("_", "-"), _ENGINE_HELP.get(f.name)
+        if f.default is False:
+            p.add_argument(flag, action="store_true", help=help_text)
+        elif f.name == "dtype":
+            p.add_argument(flag, default=f.default, choices=["float32", "bfloat16", "float16"])
+        else:
+            kind = type(f.default) if f.default is not None else (int if "int" in str(f.type) else str)
+            p.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+
+def _engine_args(args: argparse.Namespace):
+    from sgl_compile.runtime.launch import EngineArgs, check_args
+
+    values = vars(args)
+    engine = EngineArgs(
+        **{f.name: values[f.name] for f in dataclasses.fields(EngineArgs) if f.name in values}
+    )
+    check_args(engine)
+    return engine
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
@@ -215,19 +248,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _dataset_args(p)
     p.set_defaults(func=_bench_serve)
     p = bench.add_parser("offline", help="in-process engine throughput")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-total-tokens", type=int, default=None)
-    p.add_argument("--chunked-prefill-size", type=int, default=2048)
-    p.add_argument("--max-running-requests", type=int, default=256)
-    p.add_argument("--disable-radix-cache", action="store_true")
+    _engine_flags(p)
     _dataset_args(p)
     p.set_defaults(func=_bench_offline)
     p = bench.add_parser("latency", help="one static batch: prefill latency, decode step, tokens/s")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    _engine_flags(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -248,7 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alias")
     p.set_defaults(func=_fetch)
     p = sub.add_parser("generate", help="generate a completion for one prompt")
-    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -257,31 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
+    _engine_flags(p)
     p.add_argument("--json", action="store_true", help="print the whole output object as JSON")
     p.set_defaults(func=_generate)
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible and SGLang native APIs)")
-    p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size in tokens")
-    p.add_argument("--mem-fraction-static", type=float, default=0.85)
-    p.add_argument("--context-length", type=int, default=None)
-    p.add_argument("--chunked-prefill-size", type=int, default=2048)
-    p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--max-queued-requests", type=int, default=4096, help="beyond this, 503")
-    p.add_argument("--schedule-policy", default="lpm", choices=["lpm", "fcfs"])
-    p.add_argument("--disable-radix-cache", action="store_true")
+    _engine_flags(p)
     p.set_defaults(func=_serve)
-    p = sub.add_parser("compile", help="capture a model and run the passes; --print-ir shows each step")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p = sub.add_parser("compile", help="capture a model and run the passes; --out writes an artifact")
+    _engine_flags(p, compile_only=True)
+    p.add_argument("--out", default=None, help="write the compiled program to this artifact directory")
     p.add_argument("--print-ir", action="store_true", help="print the graph before and after every pass")
     p.set_defaults(func=_compile)
     _add_bench(sub)

@@ -1,6 +1,7 @@
 """The compile driver: load a model, capture it, run the passes; hand the runtime a program.
 
 The runtime asks this module for a `CompiledModel` and never sees a model class.
+`sgl_compile.artifact` saves one to disk and loads it back without recompiling.
 """
 
 from __future__ import annotations
@@ -13,13 +14,27 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from sgl_compile.errors import SglcError
 from sgl_compile.ir.capture import capture
 from sgl_compile.models.config import ModelConfig
 from sgl_compile.models.loading import DEFAULT_MODEL, load_model, resolve_dtype
-from sgl_compile.passes import DEFAULT_PASSES, PassReport, run_passes
+from sgl_compile.passes import PassReport, check_method, pipeline, run_passes
 from sgl_compile.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Which implementation of the paged attention op runs: the torch reference (any device, the CPU path)
+# or the Triton kernels (CUDA).
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantization: str | None = None  # see passes.QUANTIZATION_METHODS
+    attention_backend: str | None = None  # None: torch on CPU, triton on CUDA
 
 
 @dataclass
@@ -34,19 +49,51 @@ class CompiledModel:
     device: torch.device
     source: str
     reports: list[PassReport]
+    options: CompileOptions
+
+
+def resolve_attention_backend(name: str | None, device: torch.device) -> str:
+    if name is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in ATTENTION_BACKENDS:
+        raise SglcError(f"unknown attention backend {name!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
+    if name == "triton" and device.type != "cuda":
+        raise SglcError("the triton attention backend runs on CUDA; on CPU use --attention-backend torch")
+    if name == "torch" and device.type == "cuda":
+        raise SglcError("the torch attention backend is the CPU reference; on CUDA use triton")
+    return name
+
+
+def prepare_device(device: torch.device) -> None:
+    """On CUDA, the `sglc::` ops run as Triton kernels: register them (once) as the ops' CUDA kernels."""
+    if device.type == "cuda":
+        from sgl_compile.codegen import register_cuda_kernels
+
+        register_cuda_kernels()
+
+
+def validate(options: CompileOptions) -> CompileOptions:
+    """Refuse bad option values before any loading; fill in the backend."""
+    check_method(options.quantization)
+    resolve_dtype(options.dtype)
+    backend = resolve_attention_backend(options.attention_backend, torch.device(options.device))
+    return CompileOptions(options.model, options.dtype, options.device, options.quantization, backend)
 
 
 def compile_model(
-    model: str = DEFAULT_MODEL,
-    dtype: str = "float32",
-    device: str = "cpu",
+    options: CompileOptions | None = None,
     observe: Callable[[str, fx.GraphModule], None] | None = None,
+    **kwargs: object,
 ) -> CompiledModel:
-    """`observe(label, gm)` sees the program as captured and after every pass (`sglc compile --print-ir`)."""
-    loaded = load_model(model, resolve_dtype(dtype), device)
+    """Compile `options` (or CompileOptions(**kwargs)). `observe(label, gm)` sees the program as captured
+    and after every pass (`sglc compile --print-ir`)."""
+    options = validate(options or CompileOptions(**kwargs))
+    device = torch.device(options.device)
+    prepare_device(device)
+    loaded = load_model(options.model, resolve_dtype(options.dtype), options.device)
     start = time.perf_counter()
     gm = capture(loaded.model, max_tokens=loaded.config.max_position_embeddings)
-    reports = run_passes(gm, DEFAULT_PASSES, observe)
+    reports = run_passes(gm, pipeline(options.quantization), observe)
     log.info(
         "compiled %s in %.1fs: %s", loaded.source, time.perf_counter() - start, "; ".join(map(str, reports))
     )
@@ -54,8 +101,9 @@ def compile_model(
         gm,
         loaded.config,
         loaded.tokenizer,
-        resolve_dtype(dtype),
-        torch.device(device),
+        resolve_dtype(options.dtype),
+        device,
         loaded.source,
         reports,
+        options,
     )

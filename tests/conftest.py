@@ -11,6 +11,9 @@ import torch
 # transformers' GGUF loader logs progress bars; keep test output readable.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.manual_seed(0)
 
 from sgl_compile.models.loading import LoadedModel, fetch, load_model  # noqa: E402

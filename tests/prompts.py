@@ -38,3 +38,22 @@ CORPUS = [
     "x = [i**2 for i in range(10)]  # list comprehension",
     "numbers 0 1 22 333 4444 55555 3.14159 1e-9",
 ]
+
+# Plain prose (~300 tokens) whose perplexity measures how much quantization hurts the model.
+PROSE = (
+    "Rivers have shaped human settlement for as long as people have farmed. A river brings water for crops "
+    "and animals, a road for boats, and, in its floods, a fresh layer of fertile soil. The first cities of "
+    "Mesopotamia grew between the Tigris and the Euphrates, and Egypt depended on the yearly rise of the Nile "
+    "so completely that its calendar was built around it. Farmers learned to read the river: when the water "
+    "turned green, the flood was near; when it fell, it was time to sow. Over centuries they dug canals to "
+    "carry water farther from the banks, and the work of keeping those canals clean required cooperation "
+    "between villages. Some historians argue that this need for organised labour helped create the first "
+    "governments, with officials who measured fields, recorded harvests and collected taxes. Rivers also "
+    "divided people. A wide river was a natural border, difficult for an army to cross, and many of the "
+    "frontiers on a modern map still follow a river's course. Bridges were expensive and easy to defend, so "
+    "towns grew up where a river could be forded or crossed by ferry, and the names of many of them still "
+    "recall it. In the industrial age, rivers turned water wheels and then carried the waste of the "
+    "factories they powered. Cleaning them has taken decades, but in many places fish have returned to "
+    "waters that were once declared dead, and people walk along banks that were closed to them for a "
+    "century."
+)

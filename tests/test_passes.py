@@ -62,6 +62,7 @@ def test_every_pass_preserves_fp32_logits_and_fuses_every_layer(
         "gate_up_merged": layers,
         "fused_add_rms_norm": 2 * layers - 1,  # every residual add but the last, whose norm sees pruned rows
         "paged_attention": layers,
+        "rope_store_kv": layers,
     }
 
 
@@ -97,4 +98,5 @@ def test_cli_print_ir_shows_each_pass(smollm2_gguf) -> None:
     captured, final = sections[1], sections[-1]
     assert captured.count("= sglc.attention(") == 30 and "sglc.fused_add_rms_norm" not in captured
     assert final.count("= sglc.fused_add_rms_norm(") == 59 and final.count("= sglc.paged_attention(") == 30
+    assert final.count("= sglc.rope_store_kv(") == 30 and "= sglc.rope(" not in final
     assert final.count("qkv_proj_weight)") == 30 and "fuse_add_rms_norm: fused_add_rms_norm=59" in r.stdout

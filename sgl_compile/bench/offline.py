@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from sgl_compile.bench.datasets import BenchRequest
-from sgl_compile.driver import compile_model
 from sgl_compile.runtime.engine import Engine
+from sgl_compile.runtime.launch import EngineArgs, load_program
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
@@ -37,16 +37,11 @@ def offline_throughput(engine: Engine, requests: list[BenchRequest]) -> dict[str
 
 
 def static_batch_latency(
-    model: str,
-    batch_size: int,
-    input_len: int,
-    output_len: int,
-    dtype: str = "float32",
-    device: str = "cpu",
-    seed: int = 0,
+    args: EngineArgs, batch_size: int, input_len: int, output_len: int, seed: int = 0
 ) -> dict[str, Any]:
     """One batch, stepped by hand: prefill latency, median decode step, tokens/s."""
-    compiled = compile_model(model, dtype, device)
+    compiled = load_program(args)
+    device = str(compiled.device)
     need = batch_size * (input_len + output_len)
     cfg = SchedulerConfig(
         max_total_tokens=need + 16,

@@ -26,13 +26,14 @@ def capture(model: nn.Module, max_tokens: int, example_tokens: int = 8) -> fx.Gr
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
     gm.graph._codegen = fx.graph.CodeGen()  # positional inputs, one output
-    gm._forward_pre_hooks.clear()  # export's input-spec check; the signature is ours to extend now
     output = gm.graph.output_node()
     (values,) = output.args
     output.args = (values[0],) if isinstance(values, (tuple, list)) and len(values) == 1 else (values,)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    # A plain GraphModule over the same graph and tensors, without export's hooks, closures and tracer
+    # (which would keep it from being pickled into an artifact and re-traced when loaded).
+    gm.graph._tracer_cls, gm.graph._tracer_extras = None, {}
+    return fx.GraphModule(gm, gm.graph, class_name="Program")
 
 
 def add_input(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -105,11 +105,47 @@ def _(ids: Tensor, weight: Tensor) -> Tensor:
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("sglc::paged_attention", mutates_args=("k_cache", "v_cache"))
-def paged_attention(
+@torch.library.custom_op("sglc::rope_store_kv", mutates_args=("k_cache", "v_cache"))
+def rope_store_kv(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    positions: Tensor,
+    cos_sin_cache: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    layer: int,
+    slot_mapping: Tensor,
+) -> Tensor:
+    """`rope` of q and k, with rotated k and v written straight into the KV pool; returns rotated q.
+
+    The write is `paged_attention`'s (same slots, negative = padding), so the attention that
+    follows is called with k = v = None. One pass over q/k/v instead of three.
+    """
+    q_rot, k_rot = rope(q, k, positions, cos_sin_cache)
+    store_kv(k_rot, v, k_cache, v_cache, layer, slot_mapping)
+    return q_rot
+
+
+@rope_store_kv.register_fake
+def _(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping) -> Tensor:
+    return torch.empty_like(q)
+
+
+def store_kv(
+    k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, layer: int, slot_mapping: Tensor
+) -> None:
+    """k/v [T, Hkv, D] into k_cache[layer] / v_cache[layer] at `slot_mapping` (negative slots skipped)."""
+    valid = slot_mapping >= 0
+    k_cache[layer, slot_mapping[valid]] = k[valid].to(k_cache.dtype)
+    v_cache[layer, slot_mapping[valid]] = v[valid].to(v_cache.dtype)
+
+
+@torch.library.custom_op("sglc::paged_attention", mutates_args=("k_cache", "v_cache"))
+def paged_attention(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
     k_cache: Tensor,
     v_cache: Tensor,
     layer: int,
@@ -125,10 +161,10 @@ def paged_attention(
     at `slot_mapping` [T] (negative slots are padding and are skipped). Request b owns query rows
     `qo_indptr[b]:qo_indptr[b+1]` and KV slots `kv_indices[kv_indptr[b]:kv_indptr[b+1]]` in
     position order, its new tokens last, so query i of n attends to the first (n_kv - n + i + 1).
+    k = v = None when `rope_store_kv` already wrote them.
     """
-    valid = slot_mapping >= 0
-    k_cache[layer, slot_mapping[valid]] = k[valid]
-    v_cache[layer, slot_mapping[valid]] = v[valid]
+    if k is not None and v is not None:
+        store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
     out = torch.empty_like(q)
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
@@ -165,4 +201,5 @@ ALL_OPS = {
     "attention": attention,
     "embedding": embedding,
     "paged_attention": paged_attention,
+    "rope_store_kv": rope_store_kv,
 }

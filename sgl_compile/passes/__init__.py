@@ -1,10 +1,13 @@
 """FX graph -> FX graph rewrites, applied in a fixed order by the pass manager."""
 
 from sgl_compile.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from sgl_compile.passes.fuse_rope_store_kv import fuse_rope_store_kv
 from sgl_compile.passes.lower_attention import BATCH_INPUTS, lower_attention
 from sgl_compile.passes.manager import Pass, PassReport, run_passes
 from sgl_compile.passes.merge_linears import merge_gate_up, merge_qkv
 from sgl_compile.passes.prune_logits import prune_logits
+from sgl_compile.passes.quantize import METHODS as QUANTIZATION_METHODS
+from sgl_compile.passes.quantize import check_method, quantize
 
 # The order the driver applies them in.
 DEFAULT_PASSES: list[tuple[str, Pass]] = [
@@ -13,14 +16,24 @@ DEFAULT_PASSES: list[tuple[str, Pass]] = [
     ("merge_gate_up", merge_gate_up),
     ("fuse_add_rms_norm", fuse_add_rms_norm),
     ("lower_attention", lower_attention),
+    ("fuse_rope_store_kv", fuse_rope_store_kv),
 ]
+
+
+def pipeline(quantization: str | None = None) -> list[tuple[str, Pass]]:
+    """The passes for these options: the defaults, then weight quantization if asked for."""
+    check_method(quantization)
+    return DEFAULT_PASSES + ([(f"quantize_{quantization}", quantize(quantization))] if quantization else [])
+
 
 __all__ = [
     "BATCH_INPUTS",
     "DEFAULT_PASSES",
+    "QUANTIZATION_METHODS",
     "Pass",
     "PassReport",
     "lower_attention",
+    "pipeline",
     "prune_logits",
     "run_passes",
 ]

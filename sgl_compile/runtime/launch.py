@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sgl_compile.driver import CompiledModel, compile_model
+from sgl_compile.driver import CompiledModel, CompileOptions, compile_model, validate
 from sgl_compile.models.loading import DEFAULT_MODEL
 from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
@@ -28,6 +28,9 @@ class EngineArgs:
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
     device: str = "cpu"
+    quantization: str | None = None  # int8 | int4 | fp8 (weights)
+    attention_backend: str | None = None  # torch (CPU) | triton (CUDA); None picks by device
+    compiled: str | None = None  # an artifact directory from `sglc compile --out`; replaces the above
     max_total_tokens: int | None = None  # KV pool slots; default from a memory budget
     mem_fraction_static: float = 0.85  # of free GPU memory, for the KV pool
     context_length: int | None = None
@@ -57,8 +60,26 @@ def default_max_total_tokens(compiled: CompiledModel, mem_fraction_static: float
     return max(budget // per_token, 1)
 
 
+def compile_options(args: EngineArgs) -> CompileOptions:
+    return CompileOptions(args.model, args.dtype, args.device, args.quantization, args.attention_backend)
+
+
+def load_program(args: EngineArgs) -> CompiledModel:
+    if args.compiled:
+        from sgl_compile.artifact import load_artifact
+
+        return load_artifact(args.compiled)
+    return compile_model(compile_options(args))
+
+
+def check_args(args: EngineArgs) -> None:
+    """Refuse bad option values up front (before a scheduler process or any loading starts)."""
+    if not args.compiled:
+        validate(compile_options(args))
+
+
 def launch(args: EngineArgs) -> Launched:
-    compiled = compile_model(args.model, args.dtype, args.device)
+    compiled = load_program(args)
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     slots = args.max_total_tokens or default_max_total_tokens(compiled, args.mem_fraction_static)

@@ -1,0 +1,32 @@
+"""Codegen: Triton kernels implementing the `sglc::` ops on CUDA, and their tuned launch configs.
+
+Each kernel module exposes launchers with the op's signature; `register_cuda_kernels`
+installs them as the ops' CUDA implementations, so a lowered program runs them
+without naming them. The op bodies in `ir/` stay the references (and the CPU path).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+
+@cache
+def register_cuda_kernels() -> None:
+    import torch
+
+    from sgl_compile.codegen import activation, attention, fp8, norm, quant_gemm, rope
+
+    kernels = {
+        torch.ops.sglc.rms_norm: norm.rms_norm,
+        torch.ops.sglc.fused_add_rms_norm: norm.fused_add_rms_norm,
+        torch.ops.sglc.silu_and_mul: activation.silu_and_mul,
+        torch.ops.sglc.rope: rope.rope,
+        torch.ops.sglc.rope_store_kv: rope.rope_store_kv,
+        torch.ops.sglc.paged_attention: attention.paged_attention,
+        torch.ops.sglc.quantize_fp8_per_token: fp8.quantize_fp8_per_token,
+        torch.ops.sglc.linear_w8a16: quant_gemm.linear_w8a16,
+        torch.ops.sglc.linear_w4a16: quant_gemm.linear_w4a16,
+        torch.ops.sglc.linear_fp8: quant_gemm.linear_fp8,
+    }
+    for op, launcher in kernels.items():
+        torch.library.register_kernel(op.default._name, "cuda", launcher)
