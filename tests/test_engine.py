@@ -258,7 +258,7 @@ def test_abort_mid_chunked_prefill_frees_everything(smollm2_gguf) -> None:
     from sgl_compile.runtime.sampling_params import SamplingParams
     from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 
-    compiled = compile_model(str(smollm2_gguf))
+    compiled = compile_model(model=str(smollm2_gguf))
     sched = Scheduler(
         compiled, SchedulerConfig(max_total_tokens=2000, context_length=8192, chunked_prefill_size=32)
     )

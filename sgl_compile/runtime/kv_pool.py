@@ -73,3 +73,13 @@ class ReqToTokenPool:
 
     def slots(self, row: int, length: int) -> Tensor:
         return self.table[row, :length]
+
+    def write_many(self, rows: Tensor, positions: Tensor, slots: Tensor) -> None:
+        """table[rows[i], positions[i]] = slots[i], in one scatter (no per-request copies)."""
+        self.table[rows, positions] = slots
+
+    def gather(self, rows: list[int], lengths: list[int]) -> Tensor:
+        """The first lengths[i] slots of each row, concatenated (the batch's kv_indices)."""
+        if not rows:
+            return self.table.new_empty(0)
+        return torch.cat([self.table[row, :n] for row, n in zip(rows, lengths, strict=True)])

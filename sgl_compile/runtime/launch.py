@@ -38,6 +38,8 @@ class EngineArgs:
     max_running_requests: int = 256
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs
+    disable_cuda_graph: bool = False
 
 
 @dataclass
@@ -48,12 +50,42 @@ class Launched:
     eos_ids: frozenset[int]
 
 
-def default_max_total_tokens(compiled: CompiledModel, mem_fraction_static: float) -> int:
+def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
+    """Peak memory of one forward over `tokens` new tokens, beyond the weights and its (temporary) KV."""
+    c, device = compiled.config, compiled.device
+    kv = [torch.zeros(c.num_layers, tokens, c.num_kv_heads, c.head_dim, dtype=compiled.dtype, device=device)
+          for _ in range(2)]  # fmt: skip
+    i64 = {"dtype": torch.int64, "device": device}
+    inputs = {
+        "input_ids": torch.zeros(tokens, **i64), "positions": torch.arange(tokens, **i64),
+        "slot_mapping": torch.arange(tokens, **i64), "qo_indptr": torch.tensor([0, tokens], **i64),
+        "kv_indptr": torch.tensor([0, tokens], **i64), "kv_indices": torch.arange(tokens, **i64),
+        "logits_indices": torch.tensor([tokens - 1], **i64),
+    }  # fmt: skip
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        compiled.program(k_cache=kv[0], v_cache=kv[1], **inputs)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del kv
+    torch.cuda.empty_cache()
+    return peak
+
+
+def default_max_total_tokens(compiled: CompiledModel, args: EngineArgs) -> int:
     c = compiled.config
     per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, compiled.dtype)
     if compiled.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(compiled.device)
-        budget = int(free * mem_fraction_static)
+        peak = activation_peak_bytes(compiled, max(args.chunked_prefill_size, 1))
+        free, total = torch.cuda.mem_get_info(compiled.device)
+        budget = int((free - peak) * args.mem_fraction_static)
+        log.info(
+            "GPU memory: weights %.2f GiB, activation peak %.2f GiB (%d tokens), free %.2f of %.2f GiB",
+            torch.cuda.memory_allocated(compiled.device) / 2**30, peak / 2**30, args.chunked_prefill_size,
+            free / 2**30, total / 2**30,
+        )  # fmt: skip
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         budget = min(CPU_KV_BUDGET, available // 4)
@@ -82,7 +114,7 @@ def launch(args: EngineArgs) -> Launched:
     compiled = load_program(args)
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    slots = args.max_total_tokens or default_max_total_tokens(compiled, args.mem_fraction_static)
+    slots = args.max_total_tokens or default_max_total_tokens(compiled, args)
     scheduler = Scheduler(
         compiled,
         SchedulerConfig(
@@ -92,6 +124,8 @@ def launch(args: EngineArgs) -> Launched:
             args.max_running_requests,
             args.schedule_policy,
             args.disable_radix_cache,
+            args.cuda_graph_max_bs,
+            args.disable_cuda_graph,
         ),
     )
     mib = 2 * scheduler.kv.k.nbytes / (1 << 20)

@@ -3,6 +3,9 @@
 A batch is a list of (request, number of new tokens): an extend chunk of a
 prompt, or one token of decode; both are the same shape to the program (ragged
 queries over each request's slots in the request-to-token table).
+
+On CUDA, decode batches replay a CUDA graph captured per batch-size bucket
+(`cuda_graphs.py`); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ class ForwardBatch:
     kv_indices: Tensor
     logits_indices: Tensor
 
+    @property
+    def is_decode(self) -> bool:
+        """One query per request (every scheduled request computes at least one token)."""
+        return self.input_ids.shape[0] == self.qo_indptr.shape[0] - 1
+
+    def as_inputs(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
 
 @dataclass
 class ScheduledReq:
@@ -44,31 +55,50 @@ class ScheduledReq:
 
 
 class ModelRunner:
-    def __init__(self, compiled: CompiledModel, kv: KVPool, table: ReqToTokenPool) -> None:
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        kv: KVPool,
+        table: ReqToTokenPool,
+        cuda_graph_max_bs: int = 256,
+        disable_cuda_graph: bool = False,
+    ) -> None:
         self.compiled, self.kv, self.table = compiled, kv, table
         self.device = compiled.device
+        self.graphs = None
+        if self.device.type == "cuda" and not disable_cuda_graph and cuda_graph_max_bs > 0:
+            from sgl_compile.runtime.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, cuda_graph_max_bs)
 
     def build(self, batch: list[ScheduledReq]) -> ForwardBatch:
-        ids, pos, slots, kv_indices, logit_rows = [], [], [], [], []
+        ids, pos, slots, rows, ends, logit_rows = [], [], [], [], [], []
         qo, kvp = [0], [0]
         for s in batch:
             req, end = s.req, s.start + s.length
-            self.table.write(req.row, s.start, s.new_slots)
             ids.extend(req.all_ids[s.start : end])
             pos.extend(range(s.start, end))
             slots.extend(s.new_slots)
-            kv_indices.append(self.table.slots(req.row, end))
+            rows.append(req.row)
+            ends.append(end)
             logit_rows.extend(qo[-1] + p - s.start for p in s.logit_positions)
             qo.append(qo[-1] + s.length)
             kvp.append(kvp[-1] + end)
 
         def t(x: list[int]) -> Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=self.device)
+            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
 
-        return ForwardBatch(t(ids), t(pos), t(slots), t(qo), t(kvp), torch.cat(kv_indices), t(logit_rows))
+        positions, slot_mapping = t(pos), t(slots)
+        self.table.write_many(t([s.req.row for s in batch for _ in range(s.length)]), positions, slot_mapping)
+        kv_indices = self.table.gather(rows, ends)
+        return ForwardBatch(t(ids), positions, slot_mapping, t(qo), t(kvp), kv_indices, t(logit_rows))
 
     @torch.no_grad()
     def forward(self, fb: ForwardBatch) -> Tensor:
         """Logits [len(logits_indices), vocab] as float32."""
-        inputs = {f.name: getattr(fb, f.name) for f in fields(fb)}
-        return self.compiled.program(k_cache=self.kv.k, v_cache=self.kv.v, **inputs).float()
+        if self.graphs is not None and fb.is_decode and self.graphs.fits(fb):
+            return self.graphs.replay(fb).float()
+        return self.run_program(fb.as_inputs()).float()
+
+    def run_program(self, inputs: dict[str, Tensor]) -> Tensor:
+        return self.compiled.program(k_cache=self.kv.k, v_cache=self.kv.v, **inputs)

@@ -69,16 +69,20 @@ def sample(logits: Tensor, rows: list[SampleInput]) -> SampleOutput:
     logits = logits.float()
     want_logprobs = any(r.params.return_logprob for r in rows)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    tokens = []
+    plain = [r.params.greedy and not r.params.penalized for r in rows]
+    # One argmax for the whole batch, read back in one transfer; per-row work only where a row needs it.
+    tokens = logits.argmax(dim=-1).tolist() if any(plain) else [0] * len(rows)
     for i, r in enumerate(rows):
+        if plain[i]:
+            continue
         row = logits[i]
         if r.params.penalized:
             row = apply_penalties(row.clone(), r.prompt_ids + r.output_ids, r.output_ids, r.params)
         if r.params.greedy:
-            tokens.append(int(row.argmax()))
+            tokens[i] = int(row.argmax())
         else:
-            probs = filtered_probs(row, r.params)
-            tokens.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+            probs = filtered_probs(row, r.params).to(r.generator.device)  # seeded per request
+            tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
     out = SampleOutput(tokens)
     if logprobs is not None:
         out.logprobs = [float(logprobs[i, t]) for i, t in enumerate(tokens)]

@@ -43,6 +43,8 @@ class SchedulerConfig:
     max_running_requests: int = 256
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
+    cuda_graph_max_bs: int = 256
+    disable_cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in POLICIES:
@@ -63,7 +65,9 @@ class Scheduler:
         columns = min(cfg.context_length, cfg.max_total_tokens) + 1
         self.table = ReqToTokenPool(cfg.max_running_requests, columns, compiled.device)
         self.cache = RadixCache(self.kv.free, disabled=cfg.disable_radix_cache)
-        self.runner = ModelRunner(compiled, self.kv, self.table)
+        self.runner = ModelRunner(
+            compiled, self.kv, self.table, cfg.cuda_graph_max_bs, cfg.disable_cuda_graph
+        )
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted, in admission order
         self.prompt_tokens = 0

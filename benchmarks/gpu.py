@@ -1,0 +1,103 @@
+"""The GPU benchmark: every measurement of the performance bar in one run, then a table.
+
+    python benchmarks/gpu.py [--steps a,b,...] [--out DIR]
+
+Each step is a `sglc bench ...` command (or the correctness script) in its own process, so
+each model gets a clean GPU; results go to DIR/<step>.json and the table to DIR/table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "sgl_compile.cli"]
+GPU = ["--device", "cuda", "--dtype", "bfloat16"]
+# name -> (command, the number the bar is about, the bar)
+STEPS: dict[str, tuple[list[str], str, float | None]] = {
+    "correctness": ([sys.executable, "benchmarks/gpu_correctness.py"], "fp32_greedy_identical_requests", None),
+    "latency-llama-3.2-1b": (
+        CLI + ["bench", "latency", "--model", "dummy:llama-3.2-1b", *GPU, "--batch-size", "1",
+               "--input-len", "32", "--output-len", "256", "--context-length", "4096"],
+        "decode_throughput", 1000.0,
+    ),
+    "latency-llama-3.1-8b": (
+        CLI + ["bench", "latency", "--model", "dummy:llama-3.1-8b", *GPU, "--batch-size", "1",
+               "--input-len", "32", "--output-len", "256", "--context-length", "4096"],
+        "decode_throughput", 185.0,
+    ),
+    "offline-qwen3-0.6b": (
+        CLI + ["bench", "offline", "--model", "dummy:qwen3-0.6b", *GPU, "--dataset", "random",
+               "--num-prompts", "256", "--random-input-len", "1024", "--random-output-len", "1024",
+               "--random-range-ratio", "0.09765625", "--context-length", "4096"],
+        "output_throughput", 20000.0,
+    ),
+    "offline-llama-3.1-8b": (
+        CLI + ["bench", "offline", "--model", "dummy:llama-3.1-8b", *GPU, "--dataset", "random",
+               "--num-prompts", "512", "--random-input-len", "1000", "--random-output-len", "1000",
+               "--context-length", "4096"],
+        "output_throughput", 10000.0,
+    ),
+    "shared-prefix-cache": (
+        CLI + ["bench", "offline", "--model", "dummy:llama-3.2-1b", *GPU, "--dataset", "generated-shared-prefix",
+               "--gsp-num-groups", "64", "--gsp-prompts-per-group", "16", "--gsp-system-prompt-len", "2048",
+               "--gsp-question-len", "128", "--gsp-output-len", "256", "--context-length", "4096"],
+        "output_throughput", None,
+    ),
+}  # fmt: skip
+STEPS["shared-prefix-no-cache"] = (
+    STEPS["shared-prefix-cache"][0] + ["--disable-radix-cache"],
+    "output_throughput",
+    None,
+)
+
+
+def run_step(name: str, out: Path, timeout: float, extra: list[str]) -> dict:
+    cmd, _, _ = STEPS[name]
+    target = out / f"{name}.json"
+    cmd = cmd + (["--out", str(target)] if name == "correctness" else ["--output-file", str(target)]) + extra
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+        (out / f"{name}.log").write_text(r.stdout + r.stderr)
+        if r.returncode != 0:
+            print(r.stderr[-3000:], flush=True)
+            return {"error": f"exit {r.returncode}", "wall_s": time.perf_counter() - start}
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f}s", "wall_s": time.perf_counter() - start}
+    result = json.loads(target.read_text())
+    result["wall_s"] = time.perf_counter() - start
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", default=",".join(STEPS))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--extra", default="", help="extra flags for every sglc bench step")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {name: run_step(name, out, args.timeout, args.extra.split()) for name in args.steps.split(",")}
+    lines = ["| step | metric | value | bar | wall s |", "|---|---|---|---|---|"]
+    for name, res in results.items():
+        _, metric, bar = STEPS[name]
+        value = res.get("error") or res.get(metric)
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {name} | {metric} | {shown} | {bar or ''} | {res['wall_s']:.0f} |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""CUDA graphs for decode: one graph per batch-size bucket, captured at start-up, replayed per step.
+
+A decode step of a small model is a few hundred kernel launches of a few
+microseconds each; launched from Python they cost more than they compute.
+Replaying a captured graph launches them all at once. Inputs live in static
+buffers; a batch is padded up to its bucket with rows that write no KV
+(slot -1), attend to one dummy key, and whose logits are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from sgl_compile.runtime.model_runner import ForwardBatch, ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def batch_size_buckets(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to max_bs (and max_bs itself)."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_bs] + list(range(16, max_bs + 1, 8))
+    return sorted(set(sizes + [max_bs]))
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_bs: int) -> None:
+        self.runner = runner
+        self.buckets = batch_size_buckets(min(max_bs, runner.table.table.shape[0]))
+        self.max_bs = self.buckets[-1]
+        device = runner.device
+        # Every bucket's graph reads prefixes of these buffers; kv_indices holds the whole batch's keys.
+        self.max_kv = self.max_bs * runner.table.table.shape[1]
+        i64 = {"dtype": torch.int64, "device": device}
+        self.input_ids = torch.zeros(self.max_bs, **i64)
+        self.positions = torch.zeros(self.max_bs, **i64)
+        self.slot_mapping = torch.full((self.max_bs,), -1, **i64)
+        self.qo_indptr = torch.arange(self.max_bs + 1, **i64)
+        self.kv_indptr = torch.arange(self.max_bs + 1, **i64)  # one key per padding row
+        self.kv_indices = torch.zeros(self.max_kv, **i64)  # padding rows read slot 0: harmless
+        self.logits_indices = torch.arange(self.max_bs, **i64)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.pool = None
+        self._capture()
+
+    def _inputs(self, bs: int) -> dict[str, Tensor]:
+        return {
+            "input_ids": self.input_ids[:bs],
+            "positions": self.positions[:bs],
+            "slot_mapping": self.slot_mapping[:bs],
+            "qo_indptr": self.qo_indptr[: bs + 1],
+            "kv_indptr": self.kv_indptr[: bs + 1],
+            "kv_indices": self.kv_indices,
+            "logits_indices": self.logits_indices[:bs],
+        }
+
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph"):
+                inputs = self._inputs(bs)
+                for _ in range(2):  # compile kernels and settle allocations outside the capture
+                    self.runner.run_program(inputs)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[bs] = self.runner.run_program(inputs)
+                self.pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info(
+            "captured %d CUDA graphs (batch sizes %d..%d) in %.1fs",
+            len(self.graphs), self.buckets[0], self.max_bs, time.perf_counter() - start,
+        )  # fmt: skip
+
+    def fits(self, fb: ForwardBatch) -> bool:
+        return fb.input_ids.shape[0] <= self.max_bs and fb.kv_indices.shape[0] <= self.max_kv
+
+    def replay(self, fb: ForwardBatch) -> Tensor:
+        b = fb.input_ids.shape[0]
+        bs = next(x for x in self.buckets if x >= b)
+        self.input_ids[:b].copy_(fb.input_ids)
+        self.positions[:b].copy_(fb.positions)
+        self.slot_mapping[:b].copy_(fb.slot_mapping)
+        self.slot_mapping[b:bs].fill_(-1)
+        n_kv = fb.kv_indices.shape[0]
+        self.kv_indptr[: b + 1].copy_(fb.kv_indptr)
+        # padding rows: one key each (slot 0), after the real ones
+        self.kv_indptr[b + 1 : bs + 1].copy_(torch.arange(1, bs - b + 1, device=self.kv_indptr.device) + n_kv)
+        self.kv_indices[:n_kv].copy_(fb.kv_indices)
+        self.kv_indices[n_kv : n_kv + bs - b].zero_()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:b]
