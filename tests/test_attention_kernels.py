@@ -1,0 +1,257 @@
+"""Triton paged attention (codegen/attention.py) against the reference `sglc::paged_attention`.
+
+Runs on CPU tensors through the Triton interpreter (conftest sets TRITON_INTERPRET=1), in fp32
+and fp16 only: the interpreter's bf16 `tl.dot` is wrong. Small explicit block sizes make the
+ragged batches cross BLOCK_M / BLOCK_N / split boundaries at small sizes.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgl_compile.codegen import attention
+from sgl_compile.ir import ops
+
+LAYERS, LAYER = 2, 1
+
+# Tolerances. fp32: both sides accumulate in fp32 (IEEE dots) over <= a few hundred keys of O(1)
+# scores and values, so they differ only by summation order, ~1e-6. fp16: the reference rounds
+# only its output to fp16 (half-ulp 4.9e-4 at |o| < 1, 9.8e-4 below 2); the kernel additionally
+# rounds softmax weights p (<= 1) to fp16 before the P@V dot, a relative 4.9e-4 per weight, which
+# sums to <= 4.9e-4 * max|v| (~4, randn) in the worst case; so 3e-3 absolute bounds both.
+# bf16 (GPU only): 8 bits of mantissa, so the same two roundings at 2^-9 relative: 2e-2 bounds both.
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def _batch(
+    seed: int,
+    prefix_lens: list[int],
+    new_lens: list[int],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    pad_tokens: int = 0,
+    empty_requests: int = 0,
+    device: str = "cpu",
+) -> dict:
+    """A ragged batch over randomly permuted slots of a cache full of stale values.
+
+    `pad_tokens` extra rows of q (past qo_indptr[-1]) carry slot -1; `empty_requests` extra decode
+    requests of one query each with slot -1 and no keys (CUDA-graph padding).
+    """
+    g = torch.Generator().manual_seed(seed)
+    kv_lens = [p + n for p, n in zip(prefix_lens, new_lens, strict=True)]
+    num_slots = sum(kv_lens) + 7  # spare slots hold stale data no request may read
+    shape = (LAYERS, num_slots, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    perm = torch.randperm(num_slots, generator=g)
+    kv_indices, slots, off = [], [], 0
+    for kv_len, n in zip(kv_lens, new_lens, strict=True):
+        own = perm[off : off + kv_len]
+        kv_indices.append(own)
+        slots.append(own[kv_len - n :])
+        off += kv_len
+    new_lens = new_lens + [1] * empty_requests
+    kv_lens = kv_lens + [0] * empty_requests
+    num_tokens = sum(new_lens) + pad_tokens
+    slot_mapping = torch.cat(slots + [torch.full((empty_requests + pad_tokens,), -1)])
+    num_q_heads = num_kv_heads * group
+    batch = dict(
+        q=torch.randn(num_tokens, num_q_heads, head_dim, generator=g).to(dtype),
+        k=torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(dtype),
+        v=torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(dtype),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        layer=LAYER,
+        slot_mapping=slot_mapping,
+        qo_indptr=torch.tensor([0, *new_lens]).cumsum(0),
+        kv_indptr=torch.tensor([0, *kv_lens]).cumsum(0),
+        kv_indices=torch.cat(kv_indices),
+        scale=head_dim**-0.5,
+    )
+    return {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in batch.items()}
+
+
+def _check(batch: dict, config: dict | None, store_new: bool = True) -> None:
+    """paged_attention with `config` forced (None: the heuristic) vs the reference on cache copies."""
+    args = dict(batch)
+    if not store_new:  # k = v = None: the cache already holds the new tokens (rope_store_kv wrote them)
+        ops.store_kv(args["k"], args["v"], args["k_cache"], args["v_cache"], LAYER, args["slot_mapping"])
+        args["k"] = args["v"] = None
+    # The reference runs on CPU copies (on CUDA the op may already dispatch to these kernels).
+    ref_args = {name: x.cpu().clone() if isinstance(x, torch.Tensor) else x for name, x in args.items()}
+    expected = ops.paged_attention(**ref_args)
+    if config is None:
+        out = attention.paged_attention(**args)
+    else:
+        get_config = attention.autotune.get_config
+
+        def forced(kernel: str, key: tuple, heuristic):  # only the attention kernels (not store_kv)
+            return config if kernel in attention.CONFIG_SPACE else get_config(kernel, key, heuristic)
+
+        with mock.patch.object(attention.autotune, "get_config", forced):
+            out = attention.paged_attention(**args)
+    rows = int(args["qo_indptr"][-1])  # rows past it are padding tokens, left unwritten
+    assert out.dtype == args["q"].dtype and out.shape == args["q"].shape
+    torch.testing.assert_close(out[:rows].cpu(), expected[:rows], **TOL[args["q"].dtype])
+    assert torch.equal(args["k_cache"].cpu(), ref_args["k_cache"])
+    assert torch.equal(args["v_cache"].cpu(), ref_args["v_cache"])
+
+
+heads = st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2, 3, 4]))  # (Hkv, Hq // Hkv)
+head_dims = st.sampled_from([16, 32, 64, 48])
+dtypes = st.sampled_from([torch.float32, torch.float16])
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    reqs=st.lists(st.tuples(st.integers(0, 70), st.integers(1, 40)), min_size=1, max_size=4),
+    heads=heads,
+    head_dim=head_dims,
+    dtype=dtypes,
+    pad_tokens=st.integers(0, 3),
+    store_new=st.booleans(),
+    block_m=st.sampled_from([16, 32]),
+    block_n=st.sampled_from([16, 32]),
+)
+def test_extend_matches_reference(
+    seed, reqs, heads, head_dim, dtype, pad_tokens, store_new, block_m, block_n
+):
+    prefix_lens, new_lens = map(list, zip(*reqs, strict=True))
+    if pad_tokens == 0 and all(n == 1 for n in new_lens):
+        new_lens[0] = 2  # keep it an extend batch (the decode dispatch has its own test)
+    batch = _batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, pad_tokens=pad_tokens)
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    _check(batch, config, store_new)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    prefix_lens=st.lists(st.integers(0, 300), min_size=1, max_size=4),
+    empty_requests=st.integers(0, 2),
+    heads=heads,
+    head_dim=head_dims,
+    dtype=dtypes,
+    store_new=st.booleans(),
+    num_splits=st.sampled_from([1, 2, 3, 4, 8]),
+    block_n=st.sampled_from([16, 32]),
+)
+def test_decode_matches_reference(
+    seed, prefix_lens, empty_requests, heads, head_dim, dtype, store_new, num_splits, block_n
+):
+    new_lens = [1] * len(prefix_lens)
+    batch = _batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, empty_requests=empty_requests)
+    config = {"BLOCK_N": block_n, "num_splits": num_splits, "num_warps": 4, "num_stages": 1}
+    _check(batch, config, store_new)
+
+
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "num_splits": 7, "num_warps": 4, "num_stages": 2}])
+def test_decode_long_context(config):
+    """Thousands of keys per request over several splits; config None takes the heuristic (many splits)."""
+    batch = _batch(1, [3000, 1200], [1, 1], 2, 2, 64, torch.float16, empty_requests=1)
+    _check(batch, config)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16), (16, 32)])
+def test_extend_tile_boundaries(block_m, block_n):
+    """Prefixes one short of, at, and past tile edges: the unmasked/causal split must be exact."""
+    prefix_lens = [14, 15, 16, 30, 31, 33, 0, 47]
+    new_lens = [20, 17, 33, 3, 34, 1, 32, 18]
+    batch = _batch(4, prefix_lens, new_lens, 1, 2, 16, torch.float32)
+    _check(batch, {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1})
+
+
+def test_extend_long_prefix_and_heuristic():
+    """A long cached prefix plus a chunk, with the heuristic's (large) blocks and a non-power-of-2 head_dim."""
+    batch = _batch(2, [700, 0], [90, 33], 2, 3, 48, torch.float32)
+    _check(batch, None)
+
+
+def test_direct_launchers_non_contiguous_q():
+    """The launchers take q as a strided view (e.g. a split of a fused qkv projection)."""
+    b = _batch(3, [20, 5], [1, 1], 2, 2, 32, torch.float32)
+    ops.store_kv(b["k"], b["v"], b["k_cache"], b["v_cache"], LAYER, b["slot_mapping"])
+    qkv = torch.cat([b["q"], b["k"], b["v"]], dim=1)  # [T, Hq + 2 Hkv, D]
+    q = qkv[:, : b["q"].shape[1]]
+    expected = ops.paged_attention(**dict(b, k=None, v=None))
+    cache_args = (b["k_cache"], b["v_cache"], LAYER)
+    cfg = {"BLOCK_N": 16, "num_splits": 2, "num_warps": 4, "num_stages": 1}
+    out = attention.decode_attention(q, *cache_args, b["kv_indptr"], b["kv_indices"], b["scale"], cfg)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    idx = (b["qo_indptr"], b["kv_indptr"], b["kv_indices"])
+    out = attention.extend_attention(q, *cache_args, *idx, b["scale"], cfg)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_keys_and_config_space():
+    assert attention.decode_attention_key(5, 32, 8, 128, torch.bfloat16) == (32, 8, 128, "bfloat16", 8)
+    assert attention.extend_attention_key(4096, 2, 32, 8, 128, torch.float16)[-1] == 1024
+    for name, space in attention.CONFIG_SPACE.items():
+        assert space and all(c["num_warps"] in (4, 8) for c in space), name
+    h = attention.decode_attention_heuristic(1, 8, 128, torch.bfloat16)()
+    assert h["num_splits"] > 1 and h["BLOCK_N"] >= 16
+    assert attention.decode_attention_heuristic(256, 8, 128, torch.bfloat16)()["num_splits"] == 1
+
+
+# ---- GPU only (CI has none; results are recorded with the benchmarks): bf16, real configs, graphs ----
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the interpreter's bf16 dot is wrong)"
+)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,head_dim", [((8, 4), 128), ((2, 7), 64), ((1, 8), 256), ((2, 3), 80)])
+def test_gpu_heuristic_configs(dtype, heads, head_dim):
+    """The heuristics' (compiled) configs on the GPU: long decode contexts and chunked extends."""
+    for seed, (prefix_lens, new_lens) in enumerate(
+        [([4000, 17, 900, 0], [1, 1, 1, 1]), ([1000, 0, 37], [300, 129, 1]), ([0], [2100])]
+    ):
+        _check(_batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, device="cuda"), None)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("decode", [True, False])
+def test_gpu_cuda_graph_replay(decode):
+    """Captured once, replayed over another batch of the same shapes: no host data in the launches."""
+    if decode:
+        shapes = ([100, 50, 7], [1, 1, 1]), ([30, 120, 7], [1, 1, 1])
+    else:
+        shapes = ([60, 10], [20, 30]), ([0, 70], [40, 10])
+    first, second = (
+        _batch(s, p, n, 2, 4, 128, torch.bfloat16, device="cuda") for s, (p, n) in enumerate(shapes)
+    )
+    expected = ops.paged_attention(
+        **{n: x.cpu() if isinstance(x, torch.Tensor) else x for n, x in second.items()}
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attention.paged_attention(**first)  # compile and tune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.paged_attention(**first)
+    for name, x in second.items():
+        if isinstance(x, torch.Tensor):
+            first[name].copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.cpu(), expected, **TOL[torch.bfloat16])
