@@ -1,8 +1,9 @@
 """`dummy:NAME`: random weights of a real model's shape, for speed measurements.
 
 Speed does not depend on the values, and real weights of these sizes cannot be
-shipped to a benchmark machine. Weights are drawn on the target device from a
-fixed seed, so a run is reproducible on the same device.
+shipped to a benchmark machine. Weights are drawn on the CPU from a fixed seed and
+then moved, so every device gets the same model and a GPU run can be checked
+against the CPU reference.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def open_dummy(name: str, seed: int = 0) -> Checkpoint:
         shapes = {n: p.shape for n, p in model_class(config)(config).named_parameters()}
 
     def tensors(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-        gen = torch.Generator(device).manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         for n, shape in shapes.items():
             if n.endswith("norm.weight"):
                 yield n, torch.ones(shape, device=device, dtype=dtype)
             else:
-                yield n, torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+                yield n, torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen).to(device)
 
     return Checkpoint(f"dummy:{name}", config, byte_tokenizer(config.vocab_size), len(shapes), tensors)
