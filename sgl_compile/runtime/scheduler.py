@@ -221,25 +221,31 @@ class Scheduler:
 
     # -- after the forward ----------------------------------------------------------
     def process(self, batch: list[ScheduledReq], logits: Tensor) -> list[Req]:
-        row, to_sample = 0, []
+        row, sampling = 0, []  # (request, its sampling row in logits)
         for s in batch:
             req = s.req
-            rows = logits[row : row + len(s.logit_positions)]
-            row += len(s.logit_positions)
+            n = len(s.logit_positions)
             req.kv_len += s.length
-            self._record_prompt_logprobs(req, s, rows)
+            self._record_prompt_logprobs(req, s, logits[row : row + n])
+            row += n
             if s.length > 1:
                 self._cache_unfinished(req)
             if s.samples:
-                to_sample.append((req, rows[-1]))
+                if req.params.max_new_tokens == 0:  # prefill only (e.g. to share a prompt among n samples)
+                    req.finish = FinishReason("length")
+                else:
+                    sampling.append((req, row - 1))
         updated = [s.req for s in batch if s.samples]
-        sampling = [(r, lg) for r, lg in to_sample if r.params.max_new_tokens > 0]
-        for req, _ in to_sample:
-            if req.params.max_new_tokens == 0:  # prefill only (e.g. to share a prompt among n samples)
-                req.finish = FinishReason("length")
         if sampling:
             inputs = [SampleInput(r.params, r.generator, r.prompt_ids, r.output_ids) for r, _ in sampling]
-            out = sample(torch.stack([lg for _, lg in sampling]), inputs)
+            rows = [i for _, i in sampling]
+            # A decode batch samples every row in order: no gather (a copy of batch x vocab) needed.
+            picked = (
+                logits
+                if rows == list(range(logits.shape[0]))
+                else logits[torch.tensor(rows, device=logits.device)]
+            )
+            out = sample(picked, inputs)
             for i, (req, _) in enumerate(sampling):
                 token = out.tokens[i]
                 if out.logprobs is not None and req.params.return_logprob:
