@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sgl_compile.errors import SglcError
 
@@ -83,7 +84,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from sgl_compile.driver import compile_model
     from sgl_compile.ir.printer import format_graph
@@ -100,6 +100,27 @@ def _compile(args: argparse.Namespace) -> None:
         from sgl_compile.artifact import save_artifact
 
         print(f"artifact: {save_artifact(compiled, Path(args.out))}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    import torch
+
+    from sgl_compile.codegen import autotune, tune
+    from sgl_compile.models.loading import open_checkpoint, resolve_dtype
+    from sgl_compile.passes import check_method
+
+    check_method(args.quantization)
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.allow_interpreter:
+        raise SglcError("sglc tune times kernels on a CUDA GPU (--device cuda)")
+    cfg = open_checkpoint(args.model).config
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    cases = list(tune.model_cases(cfg, resolve_dtype(args.dtype), device, batch_sizes, args.context_len,
+                                  args.prefill_tokens, args.quantization))  # fmt: skip
+    timer = tune.gpu_timer if device.type == "cuda" else tune.wall_timer
+    found = tune.tune(cases, timer, args.max_candidates)
+    path = autotune.save_entries(autotune.load_entries() | found, args.out and Path(args.out))
+    print(f"{len(found)} tuned configs for {autotune.device_name()} -> {path}")
 
 
 def _dataset(args: argparse.Namespace, tokenizer) -> list:
@@ -298,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-ir", action="store_true", help="print the graph before and after every pass")
     p.set_defaults(func=_compile)
     _add_bench(sub)
+    p = sub.add_parser("tune", help="time kernel configs at a model's shapes on the GPU; keep the fastest")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quantization", default=None, help="also tune this quantized GEMM: int8 | int4 | fp8")
+    p.add_argument("--batch-sizes", default="1,8,32,64,128,256", help="decode batch sizes to tune for")
+    p.add_argument("--context-len", type=int, default=1024, help="tokens per request in the decode cases")
+    p.add_argument("--prefill-tokens", type=int, default=2048, help="tokens of the prefill cases")
+    p.add_argument("--max-candidates", type=int, default=None, help="try only the first N configs per kernel")
+    p.add_argument("--out", default=None, help="cache file (default: the per-device file the runtime reads)")
+    p.add_argument("--allow-interpreter", action="store_true", help=argparse.SUPPRESS)  # tests, on CPU
+    p.set_defaults(func=_tune)
     p = sub.add_parser("info", help="show a model's config and tokenizer without loading weights")
     p.add_argument("--model", default="smollm2-135m")
     p.set_defaults(func=_info)

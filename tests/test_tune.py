@@ -1,0 +1,44 @@
+"""Autotuning plumbing (on CPU through the interpreter, where only the bookkeeping is meaningful):
+every kernel of a model is tried with its candidates, and the winner is what its launcher then uses."""
+
+from __future__ import annotations
+
+import torch
+
+from sgl_compile.codegen import autotune, norm, tune
+from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
+
+
+def test_tuned_configs_are_what_launchers_look_up(tmp_path) -> None:
+    cfg = DUMMY_CONFIGS["smollm2-135m"]
+    cases = list(tune.model_cases(cfg, torch.float32, torch.device("cpu"), [1], 16, 8, quantization="int4"))
+    kernels = {c.kernel for c in cases}
+    assert kernels == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_store_kv", "linear_w4a16",
+                       "decode_attention", "extend_attention"}  # fmt: skip
+    calls = []
+
+    def timer(fn) -> float:  # deterministic: the second candidate of every kernel "wins"
+        fn()
+        calls.append(1)
+        return 1.0 if len(calls) % 2 else 0.5
+
+    entries = tune.tune(cases, timer, max_candidates=2)
+    assert len(entries) == len({autotune.entry_key(c.kernel, c.key) for c in cases})
+    path = autotune.save_entries(entries, tmp_path / "tuning.json")
+    try:
+        autotune.use_cache_file(path)
+        x = torch.randn(3, cfg.hidden_size)
+        got = autotune.get_config("rms_norm", norm.rms_norm_key(x), lambda: {"fallback": 1})
+        assert got == norm.CONFIG_SPACE["rms_norm"][1]
+        assert autotune.get_config("rms_norm", (7, "float32"), lambda: {"fallback": 1}) == {"fallback": 1}
+    finally:
+        autotune.use_cache_file(None)
+
+
+def test_tune_refuses_without_a_gpu() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sgl_compile.cli", "tune", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "CUDA GPU" in r.stderr
