@@ -93,7 +93,7 @@ def compile_model(
     loaded = load_model(options.model, resolve_dtype(options.dtype), options.device)
     start = time.perf_counter()
     gm = capture(loaded.model, max_tokens=loaded.config.max_position_embeddings)
-    reports = run_passes(gm, pipeline(options.quantization), observe)
+    reports = run_passes(gm, pipeline(options.quantization, loaded.tokenizer), observe)
     log.info(
         "compiled %s in %.1fs: %s", loaded.source, time.perf_counter() - start, "; ".join(map(str, reports))
     )

@@ -8,6 +8,7 @@ from sgl_compile.passes.merge_linears import merge_gate_up, merge_qkv
 from sgl_compile.passes.prune_logits import prune_logits
 from sgl_compile.passes.quantize import METHODS as QUANTIZATION_METHODS
 from sgl_compile.passes.quantize import check_method, quantize
+from sgl_compile.tokenizer import Tokenizer
 
 # The order the driver applies them in.
 DEFAULT_PASSES: list[tuple[str, Pass]] = [
@@ -20,10 +21,13 @@ DEFAULT_PASSES: list[tuple[str, Pass]] = [
 ]
 
 
-def pipeline(quantization: str | None = None) -> list[tuple[str, Pass]]:
-    """The passes for these options: the defaults, then weight quantization if asked for."""
+def pipeline(quantization: str | None = None, tokenizer: Tokenizer | None = None) -> list[tuple[str, Pass]]:
+    """The passes for these options: the defaults, then weight quantization if asked for (int4 calibrates
+    on a built-in text, tokenized with the model's tokenizer)."""
     check_method(quantization)
-    return DEFAULT_PASSES + ([(f"quantize_{quantization}", quantize(quantization))] if quantization else [])
+    if not quantization:
+        return list(DEFAULT_PASSES)
+    return [*DEFAULT_PASSES, (f"quantize_{quantization}", quantize(quantization, tokenizer))]
 
 
 __all__ = [
