@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sgl_compile import ir
+from sgl_compile.ir import quant
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -127,15 +128,57 @@ def _sample_args() -> dict[str, tuple]:
             q, k, k, torch.zeros(2, 10, 2, 8), torch.zeros(2, 10, 2, 8), 1, torch.tensor([5, 6, 7, -1]),
             torch.tensor([0, 1, 3]), torch.tensor([0, 3, 5]), torch.tensor([1, 2, 5, 0, 6]), 0.35,
         ),
+        "rope_store_kv": (
+            q, k, k, torch.arange(4), cache, torch.zeros(2, 10, 2, 8), torch.zeros(2, 10, 2, 8), 1,
+            torch.tensor([5, 6, 7, -1]),
+        ),
+        "linear_w8a16": (x, *quant.quantize_int8(_randn(5, 6, 8)), None),
+        "linear_w4a16": (x, *quant.quantize_int4(_randn(5, 6, 8), 4), 4, _randn(6, 6)),
+        "linear_fp8": (x, *quant.quantize_fp8(_randn(5, 6, 8)), None, True),
+        "quantize_fp8_per_token": (x,),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(ir.ALL_OPS))
+@pytest.mark.parametrize("name", sorted(ir.ALL_OPS | ir.QUANT_OPS))
 def test_opcheck(name: str) -> None:
     """Schema, fake (meta) implementation and dispatch of every op agree with the real one."""
-    torch.library.opcheck(
-        ir.ALL_OPS[name], _sample_args()[name], test_utils=("test_schema", "test_faketensor")
+    op = (ir.ALL_OPS | ir.QUANT_OPS)[name]
+    # The schema check compares tensors with arithmetic that CPU torch lacks for float8; fp8 ops get
+    # the fake-tensor check only.
+    fp8 = name in ("linear_fp8", "quantize_fp8_per_token")
+    utils = ("test_faketensor",) if fp8 else ("test_schema", "test_faketensor")
+    torch.library.opcheck(op, _sample_args()[name], test_utils=utils)
+
+
+def test_rope_store_kv_is_rope_then_the_cache_write() -> None:
+    q, k, v = _randn(0, 5, 4, 8), _randn(1, 5, 2, 8), _randn(2, 5, 2, 8)
+    positions, slots = torch.tensor([3, 0, 7, 1, 2]), torch.tensor([9, -1, 4, 0, 6])
+    cos_sin = _randn(3, 16, 8)
+    caches = [torch.zeros(2, 12, 2, 8) for _ in range(4)]
+    q_rot = ir.rope_store_kv(q, k, v, positions, cos_sin, caches[0], caches[1], 1, slots)
+    want_q, want_k = ir.rope(q, k, positions, cos_sin)
+    ir.store_kv(want_k, v, caches[2], caches[3], 1, slots)
+    assert (
+        torch.equal(q_rot, want_q) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     )
+    assert caches[0][0].abs().sum() == 0 and caches[0][1, 9].equal(want_k[0])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+def test_quantized_weights_round_trip_within_one_step(fmt: str) -> None:
+    """Dequantized weights are within half a quantization step of the originals (fp8: 1/16 relative)."""
+    w = _randn(0, 16, 300) * 0.05
+    if fmt == "int8":
+        q, s = quant.quantize_int8(w)
+        err, bound = (quant.dequantize_int8(q, s) - w).abs(), s[:, None] / 2 + 1e-7
+    elif fmt == "int4":
+        q, s = quant.quantize_int4(w, 128)
+        err = (quant.dequantize_int4(q, s, 128, 300) - w).abs()
+        bound = s.repeat_interleave(128, dim=1)[:, :300] / 2 + 1e-7
+    else:
+        q, s = quant.quantize_fp8(w)
+        err, bound = (q.float() * s[:, None] - w).abs(), w.abs() / 16 + s[:, None] * 2**-9
+    assert (err <= bound).all()
 
 
 def test_bf16_reference_runs_in_fp32_internally() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -106,7 +107,11 @@ def load_program(args: EngineArgs) -> CompiledModel:
 
 def check_args(args: EngineArgs) -> None:
     """Refuse bad option values up front (before a scheduler process or any loading starts)."""
-    if not args.compiled:
+    if args.compiled:
+        from sgl_compile.artifact import read_manifest
+
+        read_manifest(Path(args.compiled))
+    else:
         validate(compile_options(args))
 
 
