@@ -1,0 +1,74 @@
+"""Host time of one decode step of the scheduler, with the model replaced by a free stand-in.
+
+    python benchmarks/host_overhead.py [--batch 256] [--prompt-len 500] [--steps 50] [--profile]
+
+What the GPU waits for between graph replays when scheduling is not overlapped: batch
+building, table writes, sampling bookkeeping, detokenization. Runs on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import random
+import time
+
+import torch
+
+from sgl_compile.driver import compile_model
+from sgl_compile.runtime.request import Req
+from sgl_compile.runtime.sampling_params import SamplingParams
+from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
+
+
+class ConstantLogits(torch.nn.Module):
+    """Stands in for the program: logits for the requested rows, computed once."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.cached = vocab, torch.zeros(0, vocab)
+
+    def forward(self, logits_indices: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        n = logits_indices.shape[0]
+        if self.cached.shape[0] < n:
+            self.cached = torch.randn(n, self.vocab)
+        return self.cached[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    compiled = compile_model(model="dummy:smollm2-135m")
+    vocab = compiled.config.vocab_size
+    compiled.program = ConstantLogits(vocab)
+    cfg = SchedulerConfig(
+        max_total_tokens=args.batch * (args.prompt_len + args.steps + 8), context_length=4096,
+        max_running_requests=args.batch, chunked_prefill_size=1 << 30,
+    )  # fmt: skip
+    sched = Scheduler(compiled, cfg)
+    rng = random.Random(0)
+    params = SamplingParams(max_new_tokens=args.steps + 4, temperature=0, ignore_eos=True)
+    for i in range(args.batch):
+        sched.add(
+            Req(str(i), [rng.randrange(vocab) for _ in range(args.prompt_len)], params, compiled.tokenizer)
+        )
+    sched.step()  # the prefill
+    start = time.perf_counter()
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [sched.step() for _ in range(args.steps)])
+        pstats.Stats(profile).sort_stats("cumtime").print_stats(20)
+    else:
+        for _ in range(args.steps):
+            sched.step()
+    ms = (time.perf_counter() - start) / args.steps * 1e3
+    print(f"host time per decode step at batch {args.batch}: {ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
