@@ -12,6 +12,7 @@ import random
 import torch
 
 from sgl_compile.ir.capture import input_names
+from sgl_compile.passes.lower_attention import prefill_inputs
 from sgl_compile.runtime.engine import Engine
 from sgl_compile.runtime.launch import EngineArgs, load_program
 
@@ -29,15 +30,8 @@ def greedy(device: str, prompts: list[list[int]], tokens: int) -> list[list[int]
 def last_logits(dtype: str, device: str, ids: list[int]) -> torch.Tensor:
     """Logits of every position of one sequence, straight through the compiled program."""
     compiled = load_program(EngineArgs(model=MODEL, dtype=dtype, device=device))
-    c, t, dev = compiled.config, len(ids), compiled.device
-    cache = torch.zeros(c.num_layers, t, c.num_kv_heads, c.head_dim, dtype=compiled.dtype, device=dev)
-    ar = torch.arange(t, device=dev)
-    inputs = {
-        "input_ids": torch.tensor(ids, device=dev), "positions": ar, "logits_indices": ar,
-        "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": ar,
-        "qo_indptr": torch.tensor([0, t], device=dev), "kv_indptr": torch.tensor([0, t], device=dev),
-        "kv_indices": ar,
-    }  # fmt: skip
+    c = compiled.config
+    inputs = prefill_inputs([ids], (c.num_layers, c.num_kv_heads, c.head_dim), compiled.dtype, device, True)
     with torch.no_grad():
         return compiled.program(**{n: inputs[n] for n in input_names(compiled.program)}).float().cpu()
 

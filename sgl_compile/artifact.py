@@ -44,10 +44,6 @@ def _versions() -> dict[str, str]:
     return {"sgl_compile": sgl_compile.__version__, "torch": torch.__version__}
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def _set_tensor(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
     path, _, attr = name.rpartition(".")
     owner = gm.get_submodule(path)
@@ -81,16 +77,17 @@ def save_artifact(compiled: CompiledModel, out: Path) -> Path:
             seen[key] = name
             unique[name] = t.detach().contiguous().cpu()
     save_file(unique, str(out / "weights.safetensors"))
-    originals = {name: t for name, t in tensors.items()}
     try:
-        for name, t in originals.items():
+        for name, t in tensors.items():
             _set_tensor(gm, name, torch.empty_like(t, device="meta"))
         torch.save(gm, out / "program.pt")
     finally:
-        for name, t in originals.items():
+        for name, t in tensors.items():
             _set_tensor(gm, name, t)
     tuned = {
-        k: v for k, v in autotune.load_entries().items() if k.endswith("|" + _device_name(compiled.device))
+        k: v
+        for k, v in autotune.load_entries().items()
+        if k.endswith("|" + autotune.device_name(compiled.device))
     }
     (out / "tuning.json").write_text(json.dumps(tuned, indent=1, sort_keys=True))
     save_tokenizer(compiled.tokenizer, out / "tokenizer")
@@ -99,7 +96,7 @@ def save_artifact(compiled: CompiledModel, out: Path) -> Path:
         "model": compiled.source,
         "options": dataclasses.asdict(compiled.options),
         "versions": _versions(),
-        "device": _device_name(compiled.device),
+        "device": autotune.device_name(compiled.device),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(compiled.config),
         "passes": [{"name": r.name, "counts": r.counts} for r in compiled.reports],
@@ -133,7 +130,7 @@ def check_compatible(manifest: dict, directory: Path, device: torch.device) -> N
             raise SglcError(
                 f"{directory} was compiled with {name} {version}, this is {ours.get(name)}; recompile it"
             )
-    here = _device_name(device)
+    here = autotune.device_name(device)
     if manifest["device"] != here:
         raise SglcError(
             f"{directory} was compiled for {manifest['device']}, this device is {here}; recompile it"

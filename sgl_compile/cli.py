@@ -119,7 +119,9 @@ def _tune(args: argparse.Namespace) -> None:
                                   args.prefill_tokens, args.quantization))  # fmt: skip
     timer = tune.gpu_timer if device.type == "cuda" else tune.wall_timer
     found = tune.tune(cases, timer, args.max_candidates)
-    path = autotune.save_entries(autotune.load_entries() | found, args.out and Path(args.out))
+    if args.out:
+        autotune.use_cache_file(Path(args.out))  # merge into that file's entries, not the default file's
+    path = autotune.save_entries(autotune.load_entries() | found)
     print(f"{len(found)} tuned configs for {autotune.device_name()} -> {path}")
 
 

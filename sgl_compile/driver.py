@@ -6,6 +6,7 @@ The runtime asks this module for a `CompiledModel` and never sees a model class.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -77,7 +78,7 @@ def validate(options: CompileOptions) -> CompileOptions:
     check_method(options.quantization)
     resolve_dtype(options.dtype)
     backend = resolve_attention_backend(options.attention_backend, torch.device(options.device))
-    return CompileOptions(options.model, options.dtype, options.device, options.quantization, backend)
+    return dataclasses.replace(options, attention_backend=backend)
 
 
 def compile_model(

@@ -9,17 +9,14 @@ from torch import fx
 from sgl_compile.ir.capture import capture, input_names
 from sgl_compile.models.loading import LoadedModel, load_model
 from sgl_compile.passes import DEFAULT_PASSES, run_passes
+from sgl_compile.passes.lower_attention import prefill_inputs
 
 
 def _run(gm: fx.GraphModule, m: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
     """One sequence through the program at whatever stage it is (before or after attention lowering)."""
-    c, t = m.config, len(ids)
-    cache = torch.zeros(c.num_layers, t, c.num_kv_heads, c.head_dim, dtype=next(m.model.parameters()).dtype)
-    available = {
-        "input_ids": ids, "positions": torch.arange(t), "logits_indices": torch.arange(t),
-        "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": torch.arange(t),
-        "qo_indptr": torch.tensor([0, t]), "kv_indptr": torch.tensor([0, t]), "kv_indices": torch.arange(t),
-    }  # fmt: skip
+    c = m.config
+    dtype = next(m.model.parameters()).dtype
+    available = prefill_inputs([ids.tolist()], (c.num_layers, c.num_kv_heads, c.head_dim), dtype, "cpu", True)
     with torch.no_grad():
         return gm(**{name: available[name] for name in input_names(gm)}).float()
 

@@ -12,20 +12,17 @@ import torch
 from sgl_compile.driver import compile_model
 from sgl_compile.ir import quant
 from sgl_compile.ir.capture import input_names
+from sgl_compile.ir.quant import pack_int4
 from sgl_compile.passes.calibration import CALIBRATION_TEXTS
-from sgl_compile.passes.quantize import gptq_int4, pack_int4
+from sgl_compile.passes.lower_attention import prefill_inputs
+from sgl_compile.passes.quantize import gptq_int4
 from tests.prompts import PROSE
 
 
 def _perplexity(compiled, ids: list[int]) -> float:
     """exp(mean NLL of each next token) over the text, one sequence through the compiled program."""
-    c, t = compiled.config, len(ids)
-    cache = torch.zeros(c.num_layers, t, c.num_kv_heads, c.head_dim)
-    inputs = {
-        "input_ids": torch.tensor(ids), "positions": torch.arange(t), "logits_indices": torch.arange(t),
-        "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": torch.arange(t),
-        "qo_indptr": torch.tensor([0, t]), "kv_indptr": torch.tensor([0, t]), "kv_indices": torch.arange(t),
-    }  # fmt: skip
+    c = compiled.config
+    inputs = prefill_inputs([ids], (c.num_layers, c.num_kv_heads, c.head_dim), torch.float32, "cpu", True)
     with torch.no_grad():
         logits = compiled.program(**{n: inputs[n] for n in input_names(compiled.program)}).float()
     nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
@@ -107,8 +104,17 @@ def test_gptq_int4_is_in_the_int4_format_and_beats_rounding() -> None:
     assert _output_error(x, w, w_gptq) < 0.7 * _output_error(x, w, w_rtn)
 
 
-def test_pack_int4_matches_the_reference_quantizer() -> None:
-    w = torch.randn(16, 300, generator=torch.Generator().manual_seed(1))
+def test_pack_int4_follows_the_documented_layout() -> None:
+    """Element k of a row is the low nibble of byte k // 2 when k is even, the high one when odd, as q + 8;
+    the columns padding K up to the group size hold q = 0."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (16, 300), generator=g, dtype=torch.int8)
+    packed = pack_int4(q, 128)
+    assert packed.dtype == torch.uint8 and packed.shape == (16, 192)
+    k = torch.arange(384)
+    nibbles = (packed[:, k // 2].int() >> (4 * (k % 2))) & 0xF
+    assert torch.equal(nibbles[:, :300] - 8, q.int()) and bool((nibbles[:, 300:] == 8).all())
+    w = torch.randn(16, 300, generator=g)
     qweight, scales = quant.quantize_int4(w)
     steps = w / scales.repeat_interleave(quant.INT4_GROUP_SIZE, dim=1)[:, :300]
     assert torch.equal(pack_int4(torch.round(steps).clamp(-8, 7).to(torch.int8)), qweight)

@@ -29,20 +29,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve_cmd(model: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "sgl_compile.cli", "serve", "--model", str(model), "--port", str(port)]
+
+
 @pytest.fixture(scope="module")
 def server(smollm2_gguf: Path, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sgl_compile.cli",
-        "serve",
-        "--model",
-        str(smollm2_gguf),
-        "--port",
-        str(port),
-    ]
+    cmd = _serve_cmd(smollm2_gguf, port)
     cmd += ["--api-key", KEY, "--served-model-name", "smol", "--max-total-tokens", str(POOL)]
     with log.open("w") as f:
         proc = subprocess.Popen(
@@ -312,16 +307,7 @@ def test_load_with_disconnects(server, engine) -> None:
 
 def test_scheduler_death_makes_the_server_exit_nonzero(smollm2_gguf: Path, tmp_path: Path) -> None:
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "sgl_compile.cli",
-        "serve",
-        "--model",
-        str(smollm2_gguf),
-        "--port",
-        str(port),
-    ]
+    cmd = _serve_cmd(smollm2_gguf, port)
     log = tmp_path / "server.log"
     with log.open("w") as f:
         proc = subprocess.Popen([*cmd, "--max-total-tokens", "2000"], stdout=f, stderr=subprocess.STDOUT)

@@ -23,8 +23,11 @@ _cache_file: Path | None = None
 _entries: dict[str, Config] | None = None
 
 
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+def device_name(device: torch.device | None = None) -> str:
+    """What tuned configs and artifacts are keyed by: the GPU's name, or "cpu"."""
+    if device is None:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def default_cache_file() -> Path:

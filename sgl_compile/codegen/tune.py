@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,7 +20,9 @@ from tqdm import tqdm
 
 from sgl_compile.codegen import activation, attention, autotune, norm, quant_gemm, rope
 from sgl_compile.ir import quant
-from sgl_compile.models.config import ModelConfig
+
+if TYPE_CHECKING:  # codegen reads a model's dimensions; it imports nothing from models at run time
+    from sgl_compile.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

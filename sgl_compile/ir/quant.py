@@ -37,8 +37,14 @@ def quantize_int4(w: Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[Tensor,
     kp = -(-k // group_size) * group_size
     wf = F.pad(w.float(), (0, kp - k)).view(n, kp // group_size, group_size)
     scales = wf.abs().amax(dim=2).clamp(min=1e-8) / 7.0
-    q = (torch.round(wf / scales[..., None]).clamp(-8, 7) + 8).to(torch.uint8).view(n, kp)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales
+    return pack_int4(torch.round(wf / scales[..., None]).clamp(-8, 7).view(n, kp), group_size), scales
+
+
+def pack_int4(q: Tensor, group_size: int = INT4_GROUP_SIZE) -> Tensor:
+    """Signed q [N, K] in [-8, 7] -> packed uint8 [N, Kp // 2] (padding columns hold 0)."""
+    kp = -(-q.shape[1] // group_size) * group_size
+    u = (F.pad(q.to(torch.int16), (0, kp - q.shape[1])) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
 def unpack_int4(qweight: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, fx
 
 from sgl_compile.errors import SglcError
+from sgl_compile.passes.lower_attention import prefill_inputs
 from sgl_compile.tokenizer import Tokenizer
 
 CALIBRATION_TEXTS: tuple[str, ...] = (
@@ -180,27 +181,15 @@ def _kv_shape(gm: fx.GraphModule, k_cache: fx.Node) -> tuple[int, int, int]:
     raise SglcError("calibration: cannot infer the KV cache shape from the program")
 
 
-def prefill_inputs(
+def program_inputs(
     gm: fx.GraphModule, batch: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype
 ) -> list[Tensor]:
-    """The lowered program's positional inputs for one prefill of `batch`, each sequence from position 0."""
+    """The lowered program's positional inputs for one prefill of `batch` (last logits of each sequence)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    lengths = [len(ids) for ids in batch]
-    total = sum(lengths)
-    indptr = torch.tensor([0, *lengths], device=device).cumsum(0)
     k_cache = next((n for n in placeholders if n.target == "k_cache"), None)
     if k_cache is None:
         raise SglcError("calibration: the program has no KV cache input (run after lower_attention)")
-    layers, kv_heads, head_dim = _kv_shape(gm, k_cache)
-    cache = torch.zeros(layers, total, kv_heads, head_dim, dtype=dtype, device=device)
-    slots = torch.arange(total, device=device)
-    inputs = {
-        "input_ids": torch.tensor([t for ids in batch for t in ids], device=device),
-        "positions": torch.cat([torch.arange(n, device=device) for n in lengths]),
-        "logits_indices": indptr[1:] - 1,  # logits are not needed: one row per sequence keeps the head cheap
-        "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": slots,
-        "qo_indptr": indptr, "kv_indptr": indptr, "kv_indices": slots,
-    }  # fmt: skip
+    inputs = prefill_inputs([list(ids) for ids in batch], _kv_shape(gm, k_cache), dtype, device)
     unknown = [n.target for n in placeholders if n.target not in inputs]
     if unknown:
         raise SglcError(f"calibration: unexpected program inputs {unknown}")
@@ -235,4 +224,4 @@ def run_calibration(
     quantized layer's output, so every later layer is calibrated on the quantized model's activations.
     The graph and its tensors are left as they were."""
     with torch.no_grad():
-        _Substitute(gm, set(linears), replace).run(*prefill_inputs(gm, batch, device, dtype))
+        _Substitute(gm, set(linears), replace).run(*program_inputs(gm, batch, device, dtype))

@@ -137,17 +137,10 @@ def gptq_int4(w: Tensor, hessian: Tensor, group_size: int = quant.INT4_GROUP_SIZ
     return q, scales
 
 
-def pack_int4(q: Tensor, group_size: int = quant.INT4_GROUP_SIZE) -> Tensor:
-    """Signed q [N, K] in [-8, 7] -> the packed uint8 [N, Kp // 2] of `ir.quant` (padding columns = 0)."""
-    kp = -(-q.shape[1] // group_size) * group_size
-    u = (F.pad(q.to(torch.int16), (0, kp - q.shape[1])) + 8).to(torch.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
 def _gptq_int4(w: Tensor, hessian: Tensor) -> Quantized:
     g = quant.INT4_GROUP_SIZE
     q, scales = gptq_int4(w, hessian, g)
-    return torch.ops.sglc.linear_w4a16.default, {"qweight": pack_int4(q, g), "scales": scales}, (g,)
+    return torch.ops.sglc.linear_w4a16.default, {"qweight": quant.pack_int4(q, g), "scales": scales}, (g,)
 
 
 # name -> (weight [N, K], Hessian of its input [K, K]) -> Quantized, by an error-compensating rounding

@@ -45,6 +45,7 @@ class DecodeGraphs:
         self.kv_indptr = torch.arange(self.max_bs + 1, **i64)  # one key per padding row
         self.kv_indices = torch.zeros(self.max_kv, **i64)  # padding rows read slot 0: harmless
         self.logits_indices = torch.arange(self.max_bs, **i64)
+        self.one_to_max = torch.arange(1, self.max_bs + 1, **i64)  # padding rows' kv_indptr steps
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
         self.pool = None
@@ -95,7 +96,7 @@ class DecodeGraphs:
         n_kv = fb.kv_indices.shape[0]
         self.kv_indptr[: b + 1].copy_(fb.kv_indptr)
         # padding rows: one key each (slot 0), after the real ones
-        self.kv_indptr[b + 1 : bs + 1].copy_(torch.arange(1, bs - b + 1, device=self.kv_indptr.device) + n_kv)
+        torch.add(self.one_to_max[: bs - b], n_kv, out=self.kv_indptr[b + 1 : bs + 1])
         self.kv_indices[:n_kv].copy_(fb.kv_indices)
         self.kv_indices[n_kv : n_kv + bs - b].zero_()
         self.graphs[bs].replay()

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from sgl_compile.driver import CompiledModel, CompileOptions, compile_model, validate
+from sgl_compile.ir.capture import input_names
 from sgl_compile.models.loading import DEFAULT_MODEL
+from sgl_compile.passes.lower_attention import prefill_inputs
 from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 
@@ -54,23 +56,17 @@ class Launched:
 def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
     """Peak memory of one forward over `tokens` new tokens, beyond the weights and its (temporary) KV."""
     c, device = compiled.config, compiled.device
-    kv = [torch.zeros(c.num_layers, tokens, c.num_kv_heads, c.head_dim, dtype=compiled.dtype, device=device)
-          for _ in range(2)]  # fmt: skip
-    i64 = {"dtype": torch.int64, "device": device}
-    inputs = {
-        "input_ids": torch.zeros(tokens, **i64), "positions": torch.arange(tokens, **i64),
-        "slot_mapping": torch.arange(tokens, **i64), "qo_indptr": torch.tensor([0, tokens], **i64),
-        "kv_indptr": torch.tensor([0, tokens], **i64), "kv_indices": torch.arange(tokens, **i64),
-        "logits_indices": torch.tensor([tokens - 1], **i64),
-    }  # fmt: skip
+    inputs = prefill_inputs(
+        [[0] * tokens], (c.num_layers, c.num_kv_heads, c.head_dim), compiled.dtype, device
+    )
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        compiled.program(k_cache=kv[0], v_cache=kv[1], **inputs)
+        compiled.program(**{name: inputs[name] for name in input_names(compiled.program)})
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    del kv
+    del inputs
     torch.cuda.empty_cache()
     return peak
 
