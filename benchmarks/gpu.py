@@ -50,6 +50,16 @@ STEPS: dict[str, tuple[list[str], str, float | None]] = {
         "output_throughput", None,
     ),
 }  # fmt: skip
+STEPS["latency-llama-3.2-1b-no-overlap"] = (
+    STEPS["latency-llama-3.2-1b"][0] + ["--disable-overlap-schedule"],
+    "decode_throughput",
+    None,
+)
+STEPS["startup-llama-3.1-8b"] = (
+    [sys.executable, "benchmarks/startup.py", "--model", "dummy:llama-3.1-8b"],
+    "startup_s",
+    30.0,
+)
 STEPS["shared-prefix-no-cache"] = (
     STEPS["shared-prefix-cache"][0] + ["--disable-radix-cache"],
     "output_throughput",

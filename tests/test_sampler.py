@@ -10,16 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sgl_compile.errors import SglcError
-from sgl_compile.runtime.sampler import SampleInput, apply_penalties, sample
+from sgl_compile.runtime.sampler import SampleInput, apply_penalties, sample, uniform_noise
 from sgl_compile.runtime.sampling_params import SamplingParams
 
 V = 8
 
 
+def _row(params: SamplingParams, seed: int = 0, step: int = 0, prompt=(), output=()) -> SampleInput:
+    return SampleInput(params, seed, step, list(prompt), list(output))
+
+
 def _draw(logits: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    row = SampleInput(params, gen, [], [])
-    return [sample(logits[None], [row]).tokens[0] for _ in range(n)]
+    """n draws of one request: its output indices 0..n-1, in one batch."""
+    rows = [_row(params, seed, step) for step in range(n)]
+    return sample(logits[None].expand(n, -1), rows).tokens.tolist()
 
 
 def test_frequencies_match_softmax_chi_square() -> None:
@@ -89,8 +93,8 @@ def test_penalties_change_logits_as_specified() -> None:
 
 def test_penalty_affects_greedy_choice() -> None:
     logits = torch.tensor([3.0, 2.9, 0, 0, 0, 0, 0, 0])
-    row = SampleInput(SamplingParams(temperature=0, presence_penalty=0.5), torch.Generator(), [], [0])
-    assert sample(logits[None], [row]).tokens == [1]
+    row = _row(SamplingParams(temperature=0, presence_penalty=0.5), output=[0])
+    assert sample(logits[None], [row]).tokens.tolist() == [1]
 
 
 def test_seeds_reproduce_per_request() -> None:
@@ -100,17 +104,38 @@ def test_seeds_reproduce_per_request() -> None:
     assert _draw(logits, params, 50, seed=3) != _draw(logits, params, 50, seed=4)
 
 
+def test_draws_do_not_depend_on_the_batch() -> None:
+    """A request's token depends on its seed and output index only: not on its row, its neighbours,
+    or whether the batch mixes greedy and sampled rows."""
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in
+              [(1.0, -1, 1.0), (0.0, -1, 1.0), (0.8, 5, 1.0), (1.3, -1, 0.7), (0.5, 10, 0.9), (0.0, -1, 1.0)]]  # fmt: skip
+    rows = [_row(p, seed=100 + i, step=7) for i, p in enumerate(params)]
+    together = sample(logits, rows).tokens.tolist()
+    alone = [sample(logits[i : i + 1], [rows[i]]).tokens.item() for i in range(6)]
+    assert together == alone
+    order = [5, 3, 0, 4, 1, 2]
+    shuffled = sample(logits[order], [rows[i] for i in order]).tokens.tolist()
+    assert shuffled == [together[i] for i in order]
+
+
+def test_noise_is_uniform_and_independent() -> None:
+    rows = [_row(SamplingParams(), seed=s, step=t) for s in range(4) for t in range(4)]
+    u = uniform_noise(rows, 4096, torch.device("cpu"))
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    flat = u.flatten()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.02  # neighbours
+    assert len({tuple(r[:8].tolist()) for r in u}) == len(rows)  # every (seed, step) its own stream
+
+
 def test_logprobs_are_raw_log_softmax() -> None:
     logits = torch.randn(2, V)
     rows = [
-        SampleInput(
-            SamplingParams(temperature=0, return_logprob=True, top_logprobs_num=3), torch.Generator(), [], []
-        ),
-        SampleInput(
-            SamplingParams(temperature=0.7, return_logprob=True), torch.Generator().manual_seed(0), [], []
-        ),
+        _row(SamplingParams(temperature=0, return_logprob=True, top_logprobs_num=3)),
+        _row(SamplingParams(temperature=0.7, return_logprob=True)),
     ]
-    out = sample(logits, rows)
+    out = sample(logits, rows).to_host(rows)
     ref = torch.log_softmax(logits, -1)
     for i, t in enumerate(out.tokens):
         assert abs(out.logprobs[i] - ref[i, t].item()) < 1e-6

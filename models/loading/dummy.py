@@ -1,9 +1,11 @@
 """`dummy:NAME`: random weights of a real model's shape, for speed measurements.
 
 Speed does not depend on the values, and real weights of these sizes cannot be
-shipped to a benchmark machine. Weights are drawn on the CPU from a fixed seed and
-then moved, so every device gets the same model and a GPU run can be checked
-against the CPU reference.
+shipped to a benchmark machine. A pool of normal values is drawn on the CPU from a
+fixed seed (in float32) and every tensor is an index pattern into it, expanded on the
+target device: a few seconds for 8B parameters, the same model on every device and
+at every dtype (a bfloat16 model is the float32 one rounded), so a GPU run can be
+checked against the CPU reference.
 """
 
 from __future__ import annotations
@@ -44,6 +46,21 @@ DUMMY_CONFIGS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
+_POOL = 1_048_573  # a prime: a stride coprime to it walks the whole pool before repeating
+_STRIDE = 7
+_CHUNK = 1 << 26
+
+
+def _expand(pool: Tensor, shape: torch.Size, offset: int, dtype: torch.dtype) -> Tensor:
+    """Element k of the tensor is pool[(offset + 7 k) mod P], built in chunks to bound the index memory."""
+    out = torch.empty(shape, dtype=dtype, device=pool.device)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        k = torch.arange(start, min(start + _CHUNK, flat.numel()), device=pool.device)
+        flat[start : start + k.numel()] = pool[(offset + _STRIDE * k) % _POOL]
+    return out
+
+
 def open_dummy(name: str, seed: int = 0) -> Checkpoint:
     if name not in DUMMY_CONFIGS:
         raise SglcError(f"unknown dummy model {name!r} (known: {', '.join(DUMMY_CONFIGS)})")
@@ -52,11 +69,11 @@ def open_dummy(name: str, seed: int = 0) -> Checkpoint:
         shapes = {n: p.shape for n, p in model_class(config)(config).named_parameters()}
 
     def tensors(device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
-        gen = torch.Generator().manual_seed(seed)
-        for n, shape in shapes.items():
+        pool = torch.empty(_POOL).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed)).to(device)
+        for i, (n, shape) in enumerate(shapes.items()):
             if n.endswith("norm.weight"):
                 yield n, torch.ones(shape, device=device, dtype=dtype)
             else:
-                yield n, torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen).to(device)
+                yield n, _expand(pool, shape, offset=7919 * i, dtype=dtype)
 
     return Checkpoint(f"dummy:{name}", config, byte_tokenizer(config.vocab_size), len(shapes), tensors)

@@ -52,34 +52,70 @@ class KVPool:
         self._free.extend(slots)
 
 
+def to_device(values: list[int], device: torch.device) -> Tensor:
+    """An int64 host list on the device without waiting for the device (a pinned staging copy on CUDA)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class ReqToTokenPool:
-    """Rows of slot ids, one row per running request, `max_context` columns."""
+    """Rows of slot ids, one row per running request, `max_context` columns.
+
+    The device table is what attention reads; a host mirror of each row lets the scheduler hand slots
+    to the radix cache without reading the device (which would wait for the step in flight).
+    """
 
     def __init__(self, max_requests: int, max_context: int, device) -> None:
         self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
+        self.device = self.table.device
+        self.host: list[list[int]] = [[] for _ in range(max_requests)]
         self._free = list(range(max_requests - 1, -1, -1))
 
     def available(self) -> int:
         return len(self._free)
 
     def alloc(self) -> int | None:
-        return self._free.pop() if self._free else None
+        if not self._free:
+            return None
+        row = self._free.pop()
+        self.host[row] = []
+        return row
 
     def free(self, row: int) -> None:
         self._free.append(row)
 
     def write(self, row: int, start: int, slots: list[int]) -> None:
-        self.table[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
+        """Positions start.. of a row get these slots (start <= the row's current length)."""
+        self.host[row][start : start + len(slots)] = slots
+        if slots:
+            self.table[row, start : start + len(slots)] = to_device(slots, self.device)
 
-    def slots(self, row: int, length: int) -> Tensor:
-        return self.table[row, :length]
+    def slots(self, row: int, length: int) -> list[int]:
+        return self.host[row][:length]
 
-    def write_many(self, rows: Tensor, positions: Tensor, slots: Tensor) -> None:
-        """table[rows[i], positions[i]] = slots[i], in one scatter (no per-request copies)."""
-        self.table[rows, positions] = slots
+    def write_many(self, rows: list[int], starts: list[int], slots: list[list[int]]) -> None:
+        """Each row's new slots from its start, in one scatter on the device (no per-request copies)."""
+        flat_rows, flat_pos, flat_slots = [], [], []
+        for row, start, new in zip(rows, starts, slots, strict=True):
+            self.host[row][start : start + len(new)] = new
+            flat_rows += [row] * len(new)
+            flat_pos += range(start, start + len(new))
+            flat_slots += new
+        if flat_slots:
+            dev = self.device
+            self.table[to_device(flat_rows, dev), to_device(flat_pos, dev)] = to_device(flat_slots, dev)
 
     def gather(self, rows: list[int], lengths: list[int]) -> Tensor:
-        """The first lengths[i] slots of each row, concatenated (the batch's kv_indices)."""
-        if not rows:
+        """The first lengths[i] slots of each row, concatenated (the batch's kv_indices), built on the
+        device: per-key row and position from the lengths, then one gather."""
+        total = sum(lengths)
+        if not rows or total == 0:
             return self.table.new_empty(0)
-        return torch.cat([self.table[row, :n] for row, n in zip(rows, lengths, strict=True)])
+        dev = self.device
+        lens = to_device(lengths, dev)
+        starts = torch.cumsum(lens, 0) - lens
+        seg = torch.repeat_interleave(torch.arange(len(rows), device=dev), lens, output_size=total)
+        pos = torch.arange(total, device=dev) - starts[seg]
+        return self.table[to_device(rows, dev)[seg], pos]

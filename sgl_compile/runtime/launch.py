@@ -43,6 +43,7 @@ class EngineArgs:
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False  # read step N's tokens before launching step N + 1
 
 
 @dataclass
@@ -127,6 +128,7 @@ def launch(args: EngineArgs) -> Launched:
             args.disable_radix_cache,
             args.cuda_graph_max_bs,
             args.disable_cuda_graph,
+            overlap=not args.disable_overlap_schedule,
         ),
     )
     mib = 2 * scheduler.kv.k.nbytes / (1 << 20)

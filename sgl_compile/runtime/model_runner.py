@@ -6,6 +6,11 @@ queries over each request's slots in the request-to-token table).
 
 On CUDA, decode batches replay a CUDA graph captured per batch-size bucket
 (`cuda_graphs.py`); everything else runs eagerly.
+
+Tokens sampled by a step that is still running are not known on the host when
+the next step is built: the request holds a placeholder (-1 - i) and the input
+is read on the device from row i of the future-token buffer, which the sampler
+of the earlier step fills.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sgl_compile.driver import CompiledModel
-from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool
+from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.request import Req
 
 
@@ -65,33 +70,47 @@ class ModelRunner:
     ) -> None:
         self.compiled, self.kv, self.table = compiled, kv, table
         self.device = compiled.device
+        # Room for three steps of draws: one being built, one running, one being read back.
+        self.future = torch.zeros(3 * table.table.shape[0] + 1, dtype=torch.int64, device=self.device)
+        self._next_future = 0
         self.graphs = None
         if self.device.type == "cuda" and not disable_cuda_graph and cuda_graph_max_bs > 0:
             from sgl_compile.runtime.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, cuda_graph_max_bs)
 
+    def alloc_future(self, n: int) -> list[int]:
+        """Rows of the future-token buffer for n draws (a ring: rows are reused three steps later)."""
+        size = self.future.shape[0]
+        rows = [(self._next_future + i) % size for i in range(n)]
+        self._next_future = (self._next_future + n) % size
+        return rows
+
+    def store_future(self, rows: list[int], tokens: Tensor) -> None:
+        self.future.index_copy_(0, to_device(rows, self.device), tokens)
+
     def build(self, batch: list[ScheduledReq]) -> ForwardBatch:
-        ids, pos, slots, rows, ends, logit_rows = [], [], [], [], [], []
+        ids, pos, slots, logit_rows = [], [], [], []
         qo, kvp = [0], [0]
         for s in batch:
             req, end = s.req, s.start + s.length
-            ids.extend(req.all_ids[s.start : end])
+            ids.extend(req.ids_between(s.start, end))
             pos.extend(range(s.start, end))
             slots.extend(s.new_slots)
-            rows.append(req.row)
-            ends.append(end)
             logit_rows.extend(qo[-1] + p - s.start for p in s.logit_positions)
             qo.append(qo[-1] + s.length)
             kvp.append(kvp[-1] + end)
-
-        def t(x: list[int]) -> Tensor:
-            return torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
-
-        positions, slot_mapping = t(pos), t(slots)
-        self.table.write_many(t([s.req.row for s in batch for _ in range(s.length)]), positions, slot_mapping)
-        kv_indices = self.table.gather(rows, ends)
-        return ForwardBatch(t(ids), positions, slot_mapping, t(qo), t(kvp), kv_indices, t(logit_rows))
+        dev = self.device
+        input_ids = to_device(ids, dev)
+        if any(i < 0 for i in ids):  # draws of the running step: read them where its sampler put them
+            input_ids = torch.where(input_ids < 0, self.future[(-1 - input_ids).clamp(min=0)], input_ids)
+        rows = [s.req.row for s in batch]
+        self.table.write_many(rows, [s.start for s in batch], [s.new_slots for s in batch])
+        kv_indices = self.table.gather(rows, [s.start + s.length for s in batch])
+        return ForwardBatch(
+            input_ids, to_device(pos, dev), to_device(slots, dev), to_device(qo, dev), to_device(kvp, dev),
+            kv_indices, to_device(logit_rows, dev),
+        )  # fmt: skip
 
     @torch.no_grad()
     def forward(self, fb: ForwardBatch) -> Tensor:

@@ -6,8 +6,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from sgl_compile.runtime.radix_cache import Node
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -35,7 +33,10 @@ class Req:
     params: SamplingParams
     tokenizer: Tokenizer
     eos_ids: frozenset[int] = frozenset()
+    # Sampled tokens; the last `pending` are placeholders (-1 - i: row i of the runner's future-token
+    # buffer) for draws still on the device, resolved when the step's results are read back.
     output_ids: list[int] = field(default_factory=list)
+    pending: int = 0
 
     # KV bookkeeping (owned by the scheduler)
     row: int | None = None  # row in the request-to-token table while admitted
@@ -47,24 +48,45 @@ class Req:
     ever_admitted: bool = False
 
     finish: FinishReason | None = None
-    text: str = ""  # output text so far (stop strings cut off)
+    _text: str = ""  # output text decoded so far (stop strings cut off); read through `text`
+    _decoded: int = 0  # output tokens fed to the detokenizer
     input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     output_logprobs: list[tuple[float, int]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    generator: torch.Generator = field(init=False)
+    seed: int = field(init=False)
     detok: IncrementalDetokenizer = field(init=False)
 
     def __post_init__(self) -> None:
-        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.detok = IncrementalDetokenizer(self.tokenizer, [], self.params.skip_special_tokens)
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (a copy of the whole sequence)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
+
+    @property
+    def text(self) -> str:
+        """The output text so far. Detokenized when read (or every token when stop strings need it), so
+        that requests nobody watches cost nothing per token."""
+        end = len(self.output_ids) - self.pending
+        if self.finish is not None and self.finish.kind == "stop" and isinstance(self.finish.matched, int):
+            end -= 1  # a stop token is not text
+        if end > self._decoded:
+            self._text += self.detok.push(*self.output_ids[self._decoded : end])
+            self._decoded = end
+        return self._text
 
     @property
     def seq_len(self) -> int:
@@ -78,27 +100,54 @@ class Req:
     def wants_prompt_logprobs(self) -> bool:
         return self.params.return_logprob and self.params.logprob_start_len >= 0
 
+    @property
+    def num_output(self) -> int:
+        """Tokens sampled so far, pending ones included."""
+        return len(self.output_ids)
+
+    def can_extend(self, context_len: int) -> bool:
+        """Whether another token may be drawn before the pending ones are known (they could still finish
+        the request by EOS or a stop string; then the extra draw is dropped)."""
+        return self.num_output < self.params.max_new_tokens and self.seq_len < context_len
+
+    def add_pending(self, future_row: int) -> None:
+        self.output_ids.append(-1 - future_row)
+        self.pending += 1
+
+    def drop_pending(self) -> None:
+        if self.pending:
+            del self.output_ids[-self.pending :]
+            self.pending = 0
+
     def add_token(self, token: int, context_len: int) -> None:
-        """Record a sampled token and decide whether the request is finished."""
+        """Record a sampled token (the oldest pending one if any) and decide whether the request is finished;
+        a finished request drops the draws still pending after it."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self.output_ids.append(token)
+        if self.pending:
+            self.output_ids[len(self.output_ids) - self.pending] = token
+            self.pending -= 1
+        else:
+            self.output_ids.append(token)
+        n_out = len(self.output_ids) - self.pending
         p = self.params
         if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
             self.finish = FinishReason("stop", token)
-        else:
-            self.text += self.detok.push(token)
+        elif p.stop:
             self._check_stop_strings()
-        if self.finish is None and (len(self.output_ids) >= p.max_new_tokens or self.seq_len >= context_len):
+        if self.finish is None and (n_out >= p.max_new_tokens or len(self.prompt_ids) + n_out >= context_len):
             self.finish = FinishReason("length")
-        if self.finish is not None and not isinstance(self.finish.matched, str):
-            self.text += self.detok.flush()  # an incomplete character at the very end
+        if self.finish is not None:
+            self.drop_pending()
+            if not isinstance(self.finish.matched, str):
+                self._text = self.text + self.detok.flush()  # an incomplete character at the very end
 
     def _check_stop_strings(self) -> None:
-        hits = [(i, s) for s in self.params.stop if (i := self.text.find(s)) >= 0]
+        text = self.text
+        hits = [(i, s) for s in self.params.stop if (i := text.find(s)) >= 0]
         if hits:
             index, stop = min(hits)
-            self.text = self.text[:index]
+            self._text = text[:index]
             self.finish = FinishReason("stop", stop)
 
     def stream_safe_len(self) -> int:

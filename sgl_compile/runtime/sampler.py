@@ -1,4 +1,10 @@
-"""Batched sampling with per-request parameters: penalties, temperature, top-k / top-p / min-p, seeds.
+"""Batched sampling on the logits' device: penalties, temperature, top-k / top-p / min-p, seeds.
+
+Nothing here reads the device: the result is a set of tensors that the scheduler
+copies back once per step (and one step late when scheduling overlaps the GPU).
+Random draws are a counter-based hash of (request seed, output index, token id),
+so a request's samples depend only on its seed and its own history, never on
+which other requests share the batch, nor on the device.
 
 Logprobs are reported from the model's raw distribution (log_softmax of the
 logits, before penalties and temperature), as OpenAI and SGLang report them.
@@ -13,15 +19,41 @@ from torch import Tensor
 
 from sgl_compile.runtime.sampling_params import SamplingParams
 
+_M32 = 0xFFFFFFFF
+
 
 @dataclass
 class SampleInput:
-    """One row to sample: its parameters, RNG, and token history for penalties."""
+    """One row to sample: its parameters, seed and draw index, and token history for penalties."""
 
     params: SamplingParams
-    generator: torch.Generator
+    seed: int
+    step: int  # the index of the token being drawn in the request's output
     prompt_ids: list[int]
     output_ids: list[int]
+
+
+@dataclass
+class DeviceSample:
+    """A batch's draws, still on the device."""
+
+    tokens: Tensor  # [B] int64
+    logprobs: Tensor | None = None  # [B] of the chosen tokens
+    top_ids: Tensor | None = None  # [B, k] for the largest top_logprobs_num asked
+    top_values: Tensor | None = None
+
+    def to_host(self, rows: list[SampleInput]) -> SampleOutput:
+        """Read back (synchronises with the device)."""
+        out = SampleOutput(self.tokens.tolist())
+        if self.logprobs is not None:
+            out.logprobs = self.logprobs.tolist()
+            ids = self.top_ids.tolist() if self.top_ids is not None else [[] for _ in rows]
+            values = self.top_values.tolist() if self.top_values is not None else [[] for _ in rows]
+            out.top_logprobs = [
+                list(zip(ids[i][:k], values[i][:k], strict=True))
+                for i, k in enumerate(r.params.top_logprobs_num for r in rows)
+            ]
+        return out
 
 
 @dataclass
@@ -46,52 +78,89 @@ def apply_penalties(
     return logits
 
 
-def filtered_probs(logits: Tensor, p: SamplingParams) -> Tensor:
-    """Softmax at temperature, then top-k, top-p (smallest set reaching p) and min-p, renormalised."""
-    probs = torch.softmax(logits / p.temperature, dim=-1)
-    if p.top_k > 0 and p.top_k < probs.shape[-1]:
-        kth = torch.topk(probs, p.top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, 0.0)
-        probs = probs / probs.sum()  # top-p then measures mass within the top k
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
-        keep_sorted = before < p.top_p  # the first token is always kept
-        keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
-        probs = torch.where(keep, probs, 0.0)
-    if p.min_p > 0:
-        probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
-    return probs / probs.sum()
+def filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """[B, V] logits -> probabilities at each row's temperature after its top-k, top-p (smallest set
+    reaching p, measured within the top k) and min-p, renormalised. Batched: one sort for the batch."""
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=dev)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    top_k = [p.top_k if 0 < p.top_k < probs.shape[-1] else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(p < 1.0 for p in top_p):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        if any(top_k):
+            k = torch.tensor(top_k, device=dev)
+            kth = sorted_p.gather(1, (k - 1).clamp(min=0)[:, None])
+            kth = torch.where(k[:, None] > 0, kth, 0.0)
+            sorted_p = torch.where(sorted_p >= kth, sorted_p, 0.0)  # ties with the k-th stay
+            sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+        if any(p < 1.0 for p in top_p):
+            tp = torch.tensor(top_p, device=dev)[:, None]
+            before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
+            sorted_p = torch.where((before < tp) | (tp >= 1.0), sorted_p, 0.0)  # the first always stays
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(-1, keepdim=True)
+        probs = torch.where(probs >= floor, probs, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
 
 
-def sample(logits: Tensor, rows: list[SampleInput]) -> SampleOutput:
-    """logits [len(rows), vocab] (any float dtype) -> one token per row."""
+def _mul32(x: Tensor | int, c: int) -> Tensor | int:
+    """(x * c) mod 2^32 for x in [0, 2^32), without overflowing int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor | int) -> Tensor | int:
+    """A 32-bit avalanche hash (xorshift-multiply, 'lowbias32' constants); on tensors or Python ints."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _row_key(seed: int, step: int) -> int:
+    """A 32-bit key per (seed, step), mixed on the host with the same hash."""
+    k = _mix32((seed & _M32) ^ 0x9E3779B9)
+    k = _mix32(k ^ ((seed >> 32) & _M32))
+    return _mix32((k + step) & _M32)
+
+
+def uniform_noise(rows: list[SampleInput], vocab: int, device: torch.device) -> Tensor:
+    """[B, V] uniforms in (0, 1) from (seed, step, token id); 24 bits, exact in float32 (never 0 or 1)."""
+    keys = torch.tensor([_row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=device)
+    x = _mix32(keys[:, None] ^ torch.arange(vocab, dtype=torch.int64, device=device))
+    x = _mix32(x ^ (keys[:, None] >> 7))
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample(logits: Tensor, rows: list[SampleInput]) -> DeviceSample:
+    """logits [len(rows), vocab] (any float dtype, any device) -> one token per row, on that device."""
     logits = logits.float()
+    raw = logits
     want_logprobs = any(r.params.return_logprob for r in rows)
-    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    plain = [r.params.greedy and not r.params.penalized for r in rows]
-    # One argmax for the whole batch, read back in one transfer; per-row work only where a row needs it.
-    tokens = logits.argmax(dim=-1).tolist() if any(plain) else [0] * len(rows)
-    for i, r in enumerate(rows):
-        if plain[i]:
-            continue
-        row = logits[i]
-        if r.params.penalized:
-            row = apply_penalties(row.clone(), r.prompt_ids + r.output_ids, r.output_ids, r.params)
-        if r.params.greedy:
-            tokens[i] = int(row.argmax())
-        else:
-            probs = filtered_probs(row, r.params).to(r.generator.device)  # seeded per request
-            tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-    out = SampleOutput(tokens)
-    if logprobs is not None:
-        out.logprobs = [float(logprobs[i, t]) for i, t in enumerate(tokens)]
-        out.top_logprobs = [top_logprobs(logprobs[i], r.params.top_logprobs_num) for i, r in enumerate(rows)]
+    if any(r.params.penalized for r in rows):
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            if r.params.penalized:
+                apply_penalties(logits[i], r.prompt_ids + r.output_ids, r.output_ids, r.params)
+    tokens = logits.argmax(dim=-1)
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if drawn:
+        # Exponential race: argmax p / E with E ~ Exp(1) draws from p (the Gumbel-max trick).
+        index = torch.tensor(drawn, device=logits.device) if len(drawn) < len(rows) else None
+        sub = logits if index is None else logits[index]
+        sub_rows = [rows[i] for i in drawn]
+        probs = filtered_probs(sub, [r.params for r in sub_rows])
+        race = probs / -torch.log(uniform_noise(sub_rows, logits.shape[-1], logits.device))
+        picked = race.argmax(dim=-1)
+        tokens = picked if index is None else tokens.index_copy(0, index, picked)
+    out = DeviceSample(tokens)
+    if want_logprobs:
+        logprobs = torch.log_softmax(raw, dim=-1)
+        out.logprobs = logprobs.gather(1, tokens[:, None])[:, 0]
+        k = max(r.params.top_logprobs_num for r in rows)
+        if k:
+            out.top_values, out.top_ids = torch.topk(logprobs, k, dim=-1)
     return out
-
-
-def top_logprobs(row: Tensor, k: int) -> list[tuple[int, float]]:
-    if k <= 0:
-        return []
-    values, ids = torch.topk(row, k)
-    return list(zip(ids.tolist(), values.tolist(), strict=True))

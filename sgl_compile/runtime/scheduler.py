@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool
 from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
 from sgl_compile.runtime.radix_cache import RadixCache
 from sgl_compile.runtime.request import FinishReason, Req
-from sgl_compile.runtime.sampler import SampleInput, sample
+from sgl_compile.runtime.sampler import DeviceSample, SampleInput, SampleOutput, sample
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class SchedulerConfig:
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    overlap: bool = True  # launch step N + 1 before reading step N's results
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in POLICIES:
@@ -53,6 +54,38 @@ class SchedulerConfig:
             )
         if self.max_running_requests < 1:
             raise SglcError("max_running_requests must be >= 1")
+
+
+@dataclass
+class _Inflight:
+    """A launched step: what it computed, and its draws on their way back to the host."""
+
+    batch: list[ScheduledReq]
+    drawn: list[Req]  # requests that drew a token, in the order of the sample's rows
+    prompt_rows: dict[int, Tensor]  # batch index -> logits rows for prompt logprobs
+    inputs: list[SampleInput] = field(default_factory=list)
+    sample: tuple[DeviceSample, torch.cuda.Event | None] | None = None
+
+    def wait(self) -> SampleOutput:
+        if self.sample is None:
+            return SampleOutput([])
+        drawn, event = self.sample
+        if event is not None:
+            event.synchronize()
+        return drawn.to_host(self.inputs)
+
+
+def _to_host_async(drawn: DeviceSample) -> tuple[DeviceSample, torch.cuda.Event | None]:
+    """Start copying the draws to (pinned) host memory; the event marks when they are there."""
+    if drawn.tokens.device.type != "cuda":
+        return drawn, None
+    host = DeviceSample(
+        *(None if t is None else t.to("cpu", non_blocking=True) for t in
+          (drawn.tokens, drawn.logprobs, drawn.top_ids, drawn.top_values))
+    )  # fmt: skip
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 class Scheduler:
@@ -74,6 +107,7 @@ class Scheduler:
         self.cached_prompt_tokens = 0
         self.generated_tokens = 0
         self.num_retractions = 0
+        self._inflight: _Inflight | None = None
 
     # -- requests in and out --------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -100,16 +134,18 @@ class Scheduler:
             if req.rid == rid:
                 self.waiting.remove(req)
                 req.finish = FinishReason("abort")
+                req.drop_pending()
                 return req
         for req in self.running:
             if req.rid == rid:
                 self._release(req)
                 req.finish = FinishReason("abort")
+                req.drop_pending()
                 return req
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     def flush_cache(self) -> bool:
         """Drop all cached prefixes; refused (False) while requests are in flight."""
@@ -120,16 +156,25 @@ class Scheduler:
 
     # -- one step -------------------------------------------------------------------
     def step(self) -> list[Req]:
-        """Run one forward; return the requests that got a token or finished."""
+        """Schedule and launch one forward; return the requests that got a token or finished.
+
+        With overlap, the results read back are those of the previous step: step N + 1 is built and
+        launched while step N still runs on the device, and N's tokens are read (and detokenized,
+        finished, cached) while N + 1 runs. A request that finishes at step N was also scheduled in
+        step N + 1; that extra draw is dropped.
+        """
         batch = self.schedule()
-        if not batch:
-            return []
-        logits = self.runner.forward(self.runner.build(batch))
-        return self.process(batch, logits)
+        launched = self._launch(batch) if batch else None
+        done = self._finish(self._inflight) if self._inflight is not None else []
+        self._inflight = launched
+        if launched is not None and not self.cfg.overlap:
+            self._inflight = None
+            done += self._finish(launched)
+        return done
 
     def schedule(self) -> list[ScheduledReq]:
         batch = self._schedule_extend() or self._schedule_decode()
-        while not batch and len(self.running) > 1:
+        while not batch and len(self.running) > 1 and self._inflight is None:
             # Every running request is stuck waiting for KV (e.g. two half-done chunked prefills):
             # retract the newest. One request alone always fits (checked in `add`).
             self._retract(self.running[-1])
@@ -210,52 +255,84 @@ class Scheduler:
         return True
 
     def _schedule_decode(self) -> list[ScheduledReq]:
-        reqs = [r for r in self.running if r.seq_len - r.kv_len == 1]
+        ctx = self.cfg.context_length
+        reqs = [r for r in self.running if r.seq_len - r.kv_len == 1 and r.can_extend(ctx)]
         while reqs and self.kv.available() < len(reqs):
             self.cache.evict(len(reqs) - self.kv.available())
             if self.kv.available() < len(reqs):
                 victim = reqs.pop()  # the newest
                 log.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)
                 self._retract(victim)
-        return [ScheduledReq(r, r.kv_len, 1, self.kv.alloc(1), [r.kv_len]) for r in reqs]
+        slots = self.kv.alloc(len(reqs)) or []
+        return [ScheduledReq(r, r.kv_len, 1, [slot], [r.kv_len]) for r, slot in zip(reqs, slots, strict=True)]
 
-    # -- after the forward ----------------------------------------------------------
-    def process(self, batch: list[ScheduledReq], logits: Tensor) -> list[Req]:
-        row, sampling = 0, []  # (request, its sampling row in logits)
-        for s in batch:
-            req = s.req
-            n = len(s.logit_positions)
-            req.kv_len += s.length
-            self._record_prompt_logprobs(req, s, logits[row : row + n])
+    # -- launch and finish -----------------------------------------------------------
+    def _launch(self, batch: list[ScheduledReq]) -> _Inflight:
+        """Build the inputs, run the program and the sampler: device work is queued, nothing read back."""
+        fb = self.runner.build(batch)
+        logits = self.runner.forward(fb)
+        draws: list[tuple[Req, int]] = []  # (request, its sampling row in logits)
+        prompt_rows: dict[int, Tensor] = {}  # rows for prompt logprobs, copied: graph outputs are reused
+        row = 0
+        for i, s in enumerate(batch):
+            req, n = s.req, len(s.logit_positions)
+            if req.wants_prompt_logprobs and n:
+                prompt_rows[i] = logits[row : row + n].clone()
             row += n
+            req.kv_len += s.length
             if s.length > 1:
                 self._cache_unfinished(req)
-            if s.samples:
-                if req.params.max_new_tokens == 0:  # prefill only (e.g. to share a prompt among n samples)
-                    req.finish = FinishReason("length")
-                else:
-                    sampling.append((req, row - 1))
-        updated = [s.req for s in batch if s.samples]
-        if sampling:
-            inputs = [SampleInput(r.params, r.generator, r.prompt_ids, r.output_ids) for r, _ in sampling]
-            rows = [i for _, i in sampling]
+            if s.samples and req.params.max_new_tokens > 0:
+                draws.append((req, row - 1))
+        inflight = _Inflight(batch, [r for r, _ in draws], prompt_rows)
+        if draws:
+            rows = [i for _, i in draws]
+            inputs = [
+                SampleInput(r.params, r.seed, r.num_output, r.prompt_ids, r.output_ids) for r, _ in draws
+            ]
             # A decode batch samples every row in order: no gather (a copy of batch x vocab) needed.
             picked = (
                 logits
                 if rows == list(range(logits.shape[0]))
                 else logits[torch.tensor(rows, device=logits.device)]
             )
-            out = sample(picked, inputs)
-            for i, (req, _) in enumerate(sampling):
-                token = out.tokens[i]
-                if out.logprobs is not None and req.params.return_logprob:
-                    req.output_logprobs.append((out.logprobs[i], token))
-                    req.output_top_logprobs.append(out.top_logprobs[i])
-                req.add_token(token, self.cfg.context_length)
-                self.generated_tokens += 1
+            drawn = sample(picked, inputs)
+            future = self.runner.alloc_future(len(draws))
+            self.runner.store_future(future, drawn.tokens)
+            for (req, _), f in zip(draws, future, strict=True):
+                req.add_pending(f)
+            inflight.inputs = inputs
+            inflight.sample = _to_host_async(drawn)
+        return inflight
+
+    def _finish(self, step: _Inflight) -> list[Req]:
+        """Read a launched step's results back and apply them to its requests."""
+        out = step.wait()
+        for i, s in enumerate(step.batch):
+            if i in step.prompt_rows and not s.req.finished:
+                self._record_prompt_logprobs(s.req, s, step.prompt_rows[i])
+        updated = []
+        for i, req in enumerate(step.drawn):
+            if req.finished:  # finished (or aborted) after this step was launched: the draw is dropped
+                continue
+            token = out.tokens[i]
+            if out.logprobs is not None and req.params.return_logprob:
+                req.output_logprobs.append((out.logprobs[i], token))
+                req.output_top_logprobs.append(out.top_logprobs[i])
+            req.add_token(token, self.cfg.context_length)
+            self.generated_tokens += 1
+            updated.append(req)
+        for s in step.batch:
+            req = s.req
+            if s.samples and req.params.max_new_tokens == 0 and not req.finished:
+                req.finish = FinishReason("length")  # prefill only (e.g. to share a prompt among n samples)
+                updated.append(req)
         for req in updated:
             if req.finished:
-                self._release(req)
+                if req.admitted:
+                    self._release(req)
+                elif req in self.waiting:  # retracted while its last draw was in flight
+                    self.waiting.remove(req)
         return updated
 
     def _record_prompt_logprobs(self, req: Req, s: ScheduledReq, rows: Tensor) -> None:
@@ -283,7 +360,7 @@ class Scheduler:
         if self.cache.disabled:
             return
         tokens = req.all_ids[: req.kv_len]
-        slots = self.table.slots(req.row, req.kv_len).tolist()
+        slots = self.table.slots(req.row, req.kv_len)
         cached = self.cache.insert(tokens, slots)
         self.kv.free(slots[req.prefix_len : cached])  # duplicates of slots the tree already had
         tree_slots, node = self.cache.match_prefix(tokens)
@@ -296,7 +373,7 @@ class Scheduler:
         """Hand the request's KV to the cache (or free it) and give back its table row."""
         if req.row is None:
             return
-        slots = self.table.slots(req.row, req.kv_len).tolist()
+        slots = self.table.slots(req.row, req.kv_len)
         if self.cache.disabled:
             self.kv.free(slots[req.prefix_len :])
         else:
