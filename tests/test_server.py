@@ -148,6 +148,8 @@ def _post(url: str, path: str, body, headers=AUTH) -> httpx.Response:
 
 
 CHAT = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+BAD_RANGE = {"type": "integer", "minimum": 5, "maximum": 1}
+BAD_FORMAT = {"type": "json_schema", "json_schema": {"name": "n", "schema": BAD_RANGE}}
 
 
 @pytest.mark.parametrize(
@@ -180,6 +182,24 @@ CHAT = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_t
         ("/generate", {"text": "hi", "sampling_params": {"temperature": -1}}, "sampling_params"),
         ("/generate", {"text": "hi", "sampling_params": {"bogus": 1}}, "sampling_params"),
         ("/generate", {"sampling_params": {}}, "text"),
+        # structured outputs: compiled in the HTTP process, so a bad one is a 400 naming the field
+        ("/v1/chat/completions", {**CHAT, "response_format": BAD_FORMAT}, "response_format"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),
+        ("/v1/chat/completions", {**CHAT, "json_schema": "{not json"}, "json_schema"),
+        ("/v1/chat/completions", {**CHAT, "regex": "(abc"}, "regex"),
+        ("/v1/chat/completions", {**CHAT, "regex": "a", "ebnf": 'root ::= "a"'}, "regex"),
+        ("/v1/completions", {"model": "smol", "prompt": "hi", "ebnf": "root ::= undefined"}, "ebnf"),
+        ("/generate", {"text": "hi", "sampling_params": {"regex": "(abc"}}, "sampling_params.regex"),
+        (
+            "/generate",
+            {"text": "hi", "sampling_params": {"json_schema": BAD_RANGE}},
+            "sampling_params.json_schema",
+        ),
+        (
+            "/generate",
+            {"text": "hi", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}},
+            "sampling_params",
+        ),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(server, path, body, param) -> None:
@@ -187,6 +207,29 @@ def test_bad_input_is_a_400_naming_the_field(server, path, body, param) -> None:
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["message"] and error["param"] == param
+
+
+def test_structured_output_requests(server) -> None:
+    """The compiler's own message comes back; valid constraints are accepted on every endpoint."""
+    url = server[0]
+    r = _post(url, "/v1/chat/completions", {**CHAT, "response_format": BAD_FORMAT})
+    assert "minimum greater than maximum" in r.json()["error"]["message"]
+    r = _post(url, "/generate", {"text": "hi", "sampling_params": {"regex": "(abc"}})
+    assert "parenthesis is not closed" in r.json()["error"]["message"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    for body in [
+        {**CHAT, "response_format": fmt},
+        {**CHAT, "response_format": {"type": "json_object"}},
+        {**CHAT, "regex": "(yes|no)"},
+        {"model": "smol", "prompt": "hi", "max_tokens": 4, "ebnf": 'root ::= "a" | "b"'},
+    ]:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        assert _post(url, path, body).status_code == 200, body
+    r = _post(
+        url, "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 4, "json_schema": schema}}
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_api_key(server) -> None:

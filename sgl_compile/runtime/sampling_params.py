@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -31,6 +32,10 @@ class SamplingParams:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no prompt logprobs
+    # structured outputs: at most one (runtime/grammar.py compiles them)
+    json_schema: str | None = None  # a JSON schema, as JSON text
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -46,6 +51,8 @@ class SamplingParams:
                 d[key] = tuple(d[key])
             else:
                 d.pop(key, None)
+        if isinstance(d.get("json_schema"), dict | bool):  # SGLang wants the text; accept the object too
+            d["json_schema"] = json.dumps(d["json_schema"])
         return cls(**d)
 
     def __post_init__(self) -> None:
@@ -67,10 +74,26 @@ class SamplingParams:
                 f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (
+                all(isinstance(v, str | None) for v in (self.json_schema, self.regex, self.ebnf)),
+                "json_schema, regex and ebnf must be strings",
+            ),
+            (
+                sum(v is not None for v in (self.json_schema, self.regex, self.ebnf)) <= 1,
+                "give at most one of json_schema, regex and ebnf",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise SglcError(message)
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the structured-output constraint: kind is json_schema, regex or ebnf."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
     @property
     def greedy(self) -> bool:

@@ -207,9 +207,11 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
         raw.update(return_logprob=body.return_logprob, logprob_start_len=body.logprob_start_len)
         raw["top_logprobs_num"] = body.top_logprobs_num
         try:
-            n = SamplingParams.from_dict(raw).n
+            sampling = SamplingParams.from_dict(raw)
         except SglcError as e:
             raise RequestError(str(e), "sampling_params") from None
+        n, constraint = sampling.n, sampling.constraint
+        await s.check_constraint(constraint, f"sampling_params.{constraint[0]}" if constraint else "")
         raw.pop("n", None)
         params = [
             dict(raw, max_new_tokens=s.check_budget(p, raw.get("max_new_tokens", 128), "max_new_tokens"))

@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from sgl_compile.errors import SglcError
+from sgl_compile.runtime.grammar import constraint_spec, sampling_fields
 from sgl_compile.server.protocol import ChatCompletionRequest, CompletionRequest
 from sgl_compile.server.state import RequestError, ServerState
 
@@ -35,13 +37,9 @@ def _usage(outs: list[dict], prompt_tokens: int | None = None) -> dict[str, Any]
 
 
 def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    if req.regex or req.json_schema or req.ebnf:
-        raise RequestError("structured outputs (regex, json_schema, ebnf) are not supported yet", "regex")
     if req.logit_bias:
         raise RequestError("logit_bias is not supported", "logit_bias")
     if isinstance(req, ChatCompletionRequest):
-        if req.response_format is not None and req.response_format.type != "text":
-            raise RequestError("response_format other than text is not supported yet", "response_format")
         if req.tools:
             raise RequestError("tools are not supported", "tools")
     else:
@@ -49,6 +47,21 @@ def _reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
             raise RequestError("suffix is not supported", "suffix")
         if req.best_of not in (None, 1):
             raise RequestError("best_of is not supported", "best_of")
+
+
+def _constraint(req: CompletionRequest | ChatCompletionRequest) -> tuple[tuple[str, str] | None, str]:
+    """The structured-output constraint of a request (response_format or SGLang's regex / json_schema /
+    ebnf) and the field that gave it."""
+    fmt = req.response_format.model_dump() if req.response_format is not None else None
+    given = [k for k in ("json_schema", "regex", "ebnf") if getattr(req, k) is not None]
+    param = "response_format" if fmt is not None and fmt["type"] != "text" else (given or ["regex"])[0]
+    try:
+        spec = constraint_spec(
+            json_schema=req.json_schema, regex=req.regex, ebnf=req.ebnf, response_format=fmt
+        )
+    except SglcError as e:
+        raise RequestError(str(e), param) from None
+    return spec, param
 
 
 def _params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> dict[str, Any]:
@@ -68,6 +81,15 @@ def _params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> 
         "skip_special_tokens": req.skip_special_tokens,
         "seed": req.seed,
     }
+
+
+async def _check_constraint(
+    state: ServerState, req: CompletionRequest | ChatCompletionRequest
+) -> dict[str, str]:
+    """Validate the request's constraint (a 400 naming the field if it does not compile); its sampling params."""
+    spec, param = _constraint(req)
+    await state.check_constraint(spec, param)
+    return sampling_fields(spec)
 
 
 def _sse(obj: dict | str) -> str:
@@ -102,11 +124,12 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest) -> Any:
         self.state.check_model(req.model)
         _reject_unsupported(req)
+        constraint = await _check_constraint(self.state, req)
         prompts = self._completion_prompts(req)
         jobs = []
         for ids in prompts:
             max_tokens = self.state.check_budget(ids, req.max_tokens, "max_tokens")
-            params = _params(req, max_tokens)
+            params = _params(req, max_tokens) | constraint
             if req.logprobs is not None:
                 params.update(return_logprob=True, top_logprobs_num=req.logprobs)
                 if req.echo:
@@ -207,9 +230,10 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest) -> Any:
         self.state.check_model(req.model)
         _reject_unsupported(req)
+        constraint = await _check_constraint(self.state, req)
         ids = self._chat_prompt(req)
         max_tokens = self.state.check_budget(ids, req.max_completion_tokens or req.max_tokens, "max_tokens")
-        params = _params(req, max_tokens)
+        params = _params(req, max_tokens) | constraint
         if req.logprobs:
             params.update(return_logprob=True, top_logprobs_num=req.top_logprobs or 0)
         rid = req.rid or f"chatcmpl-{uuid.uuid4().hex}"

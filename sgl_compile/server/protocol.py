@@ -13,6 +13,13 @@ TopP = Field(default=1.0, gt=0.0, le=1.0)
 Penalty = Field(default=0.0, ge=-2.0, le=2.0)
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's structured outputs: {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class _Sglang(BaseModel):
     """SGLang's extras accepted in OpenAI bodies."""
 
@@ -27,6 +34,7 @@ class _Sglang(BaseModel):
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    response_format: ResponseFormat | None = None  # SGLang takes it in /v1/completions too
     rid: str | None = None
 
 
@@ -61,11 +69,6 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(_Sglang):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -82,7 +85,6 @@ class ChatCompletionRequest(_Sglang):
     presence_penalty: float = Penalty
     frequency_penalty: float = Penalty
     seed: int | None = None
-    response_format: ResponseFormat | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     tools: list[dict[str, Any]] | None = None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sgl_compile.errors import SglcError
+from sgl_compile.runtime.grammar import GrammarBackend
 from sgl_compile.server.client import EngineClient
 from sgl_compile.server.metrics import Metrics
 from sgl_compile.tokenizer import Tokenizer
@@ -29,6 +31,8 @@ class ServerState:
     model: str  # the spec it was started with
     served_model_name: str
     max_queued_requests: int
+    _grammar: GrammarBackend | None = field(default=None, init=False, repr=False)
+    _grammar_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def context_length(self) -> int:
@@ -77,6 +81,22 @@ class ServerState:
             return self.tokenizer.apply_chat_template(messages)
         except SglcError as e:
             raise RequestError(str(e), "messages") from None
+
+    def _grammar_backend(self) -> GrammarBackend:
+        with self._grammar_lock:  # built on first use, in a worker thread
+            if self._grammar is None:
+                self._grammar = GrammarBackend(self.tokenizer, self.client.ready.vocab_size)
+            return self._grammar
+
+    async def check_constraint(self, spec: tuple[str, str] | None, param: str) -> None:
+        """Compile a structured-output constraint here (off the event loop), so that an invalid one is a
+        400 naming `param`; the scheduler compiles it again for the mask."""
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(lambda: self._grammar_backend().compile(*spec))
+        except SglcError as e:
+            raise RequestError(str(e), param) from None
 
     def _admit(self, count: int) -> None:
         if self.client.running() + count > self.max_queued_requests:
