@@ -56,7 +56,8 @@ def main() -> None:
     for i, r in enumerate(data):
         params = SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True)
         sched.add(Req(str(i), r.input_ids, params, compiled.tokenizer))
-    launch_step = sched._launch
+    hook = "_forward" if hasattr(sched, "_forward") else "_launch"  # the phase that takes the batch
+    launch_step = getattr(sched, hook)
     log: list[dict] = []
 
     def recorded(batch):
@@ -67,7 +68,7 @@ def main() -> None:
         })  # fmt: skip
         return launch_step(batch)
 
-    sched._launch = recorded
+    setattr(sched, hook, recorded)
     if args.device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()

@@ -51,6 +51,19 @@ class CompiledModel:
     source: str
     reports: list[PassReport]
     options: CompileOptions
+    _runnable: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def runnable(self) -> fx.GraphModule:
+        """The program as the runtime executes it: on CUDA with each op node bound to its kernel."""
+        if self._runnable is None:
+            if self.device.type == "cuda":
+                from sgl_compile.codegen import bind_cuda_kernels
+
+                self._runnable = bind_cuda_kernels(self.program)
+            else:
+                self._runnable = self.program
+        return self._runnable
 
 
 def resolve_attention_backend(name: str | None, device: torch.device) -> str:

@@ -120,4 +120,4 @@ class ModelRunner:
         return self.run_program(fb.as_inputs()).float()
 
     def run_program(self, inputs: dict[str, Tensor]) -> Tensor:
-        return self.compiled.program(k_cache=self.kv.k, v_cache=self.kv.v, **inputs)
+        return self.compiled.runnable(k_cache=self.kv.k, v_cache=self.kv.v, **inputs)
