@@ -32,6 +32,7 @@ from sgl_compile.errors import SglcError
 from sgl_compile.models.config import ModelConfig, RopeScaling
 from sgl_compile.models.loading import resolve_dtype
 from sgl_compile.passes import PassReport
+from sgl_compile.tokenizer import Tokenizer
 from sgl_compile.tokenizer.serialize import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,12 @@ def read_manifest(directory: Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise SglcError(f"{directory}: artifact format {manifest.get('format')}, this version reads {FORMAT}")
     return manifest
+
+
+def artifact_tokenizer(directory: Path | str) -> tuple[str, Tokenizer]:
+    """(model name, tokenizer) of an artifact, without loading its program or weights."""
+    directory = Path(directory)
+    return read_manifest(directory)["model"], load_tokenizer(directory / "tokenizer")
 
 
 def check_compatible(manifest: dict, directory: Path, device: torch.device) -> None:

@@ -111,3 +111,41 @@ def test_serve_from_missing_artifact_fails_with_one_line(tmp_path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not a compiled artifact" in r.stderr
+
+
+def test_serve_compiled_uses_the_artifacts_model_and_tokenizer(tmp_path) -> None:
+    """`sglc serve --compiled DIR` must not fall back to the default model for its tokenizer or name
+    (the HTTP process never loads the program): an artifact of another model serves as that model."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    out = tmp_path / "dummy"
+    _compile(Path("dummy:smollm2-135m"), out)  # byte tokenizer, not the default model's
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "sgl_compile.cli", "serve", "--compiled", str(out), "--port", str(port),
+           "--max-total-tokens", "2048"]  # fmt: skip
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health_generate", timeout=30) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert time.time() < deadline, "server not healthy in time"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/get_model_info", timeout=30) as r:
+            assert json.loads(r.read())["model_path"] == "dummy:smollm2-135m"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -67,13 +67,18 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> FastAPI:
-    served = args.served_model_name or args.engine.model
+    model = args.engine.model
+    if args.engine.compiled:  # the artifact names its model and carries its tokenizer
+        from sgl_compile.artifact import artifact_tokenizer
+
+        model, artifact_tok = artifact_tokenizer(args.engine.compiled)
+    served = args.served_model_name or model
     holder: dict[str, ServerState] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        log.info("loading tokenizer for %s", args.engine.model)
-        tokenizer = open_checkpoint(args.engine.model).tokenizer
+        log.info("loading tokenizer for %s", model)
+        tokenizer = artifact_tok if args.engine.compiled else open_checkpoint(model).tokenizer
         metrics = Metrics(lambda: holder["state"].client.stats)
         client = EngineClient(args.engine, metrics.update)
 
@@ -84,13 +89,13 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
 
         log.info(
             "starting the scheduler process (model %s, %s, %s)",
-            args.engine.model,
+            model,
             args.engine.dtype,
             args.engine.device,
         )
         ready = await client.start(on_death)
         holder["state"] = ServerState(
-            client, tokenizer, metrics, args.engine.model, served, args.max_queued_requests
+            client, tokenizer, metrics, model, served, args.max_queued_requests
         )
         app.state.openai = OpenAIServing(holder["state"])
         log.info("KV pool %d tokens; ready at http://%s:%d", ready.max_total_tokens, args.host, args.port)
@@ -156,7 +161,7 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
     async def model_info() -> dict:
         ready = state().client.ready
         return {
-            "model_path": args.engine.model,
+            "model_path": model,
             "served_model_name": served,
             "is_generation": True,
             "context_length": ready.context_length,
