@@ -87,12 +87,9 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
                 exit_state["code"] = 1
                 exit_state["server"].should_exit = True
 
-        log.info(
-            "starting the scheduler process (model %s, %s, %s)",
-            model,
-            args.engine.dtype,
-            args.engine.device,
-        )
+        e = args.engine
+        log.info("starting the scheduler process (%s)",
+                 f"artifact {e.compiled}" if e.compiled else f"model {model}, {e.dtype}, {e.device}")  # fmt: skip
         ready = await client.start(on_death)
         holder["state"] = ServerState(
             client, tokenizer, metrics, model, served, args.max_queued_requests
