@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sgl_compile.errors import SglcError
-from sgl_compile.runtime.sampler import SampleInput, apply_penalties, sample, uniform_noise
+from sgl_compile.runtime.sampler import SampleInput, apply_penalties, sample, uniform_noise, unit_interval
 from sgl_compile.runtime.sampling_params import SamplingParams
 
 V = 8
@@ -127,6 +127,17 @@ def test_noise_is_uniform_and_independent() -> None:
     flat = u.flatten()
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.02  # neighbours
     assert len({tuple(r[:8].tolist()) for r in u}) == len(rows)  # every (seed, step) its own stream
+
+
+def test_noise_never_reaches_0_or_1() -> None:
+    """At the extreme hashes too: a uniform of exactly 1 makes -log(u) = 0, and the race picks a token of
+    probability 0 (0 / 0 = nan wins argmax)."""
+    x = torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 513, 2**32 - 512, 2**32 - 1], dtype=torch.int64)
+    u = unit_interval(x)
+    assert u.dtype == torch.float32 and bool((u > 0).all()) and bool((u < 1).all())
+    assert bool((-torch.log(u) > 0).all())
+    assert u[0] == u[1] == u[2] and u[2] < u[3]  # 23 bits kept: neighbours differ by 2^-23
+    assert u[-1] - u[-3] == 2**-23
 
 
 def test_logprobs_are_raw_log_softmax() -> None:

@@ -127,12 +127,19 @@ def _row_key(seed: int, step: int) -> int:
     return _mix32((k + step) & _M32)
 
 
+def unit_interval(x: Tensor) -> Tensor:
+    """32-bit hashes -> float32 uniforms strictly inside (0, 1): the top 23 bits plus a half step, exact
+    in float32. (24 bits are not: (2^24 - 1 + 0.5) / 2^24 rounds to 1.0, whose -log is 0, and then a
+    zero-probability token wins the race below with 0 / 0 = nan, one draw in ~300 over a 49k vocab.)"""
+    return ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
+
+
 def uniform_noise(rows: list[SampleInput], vocab: int, device: torch.device) -> Tensor:
-    """[B, V] uniforms in (0, 1) from (seed, step, token id); 24 bits, exact in float32 (never 0 or 1)."""
+    """[B, V] uniforms in (0, 1) from (seed, step, token id)."""
     keys = torch.tensor([_row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=device)
     x = _mix32(keys[:, None] ^ torch.arange(vocab, dtype=torch.int64, device=device))
     x = _mix32(x ^ (keys[:, None] >> 7))
-    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(x)
 
 
 def sample(logits: Tensor, rows: list[SampleInput]) -> DeviceSample:
