@@ -208,6 +208,7 @@ _ENGINE_HELP = {
     "max_total_tokens": "KV pool size in tokens (default: from a memory budget)",
     "mem_fraction_static": "fraction of free GPU memory for the KV pool",
     "schedule_policy": "lpm (longest prefix match) | fcfs",
+    "disable_jump_forward": "structured outputs: sample the text a grammar forces token by token",
 }
 _COMPILE_FIELDS = ("model", "dtype", "device", "quantization", "attention_backend")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -74,22 +73,6 @@ class CountingBackend(EngineBackend):
 @pytest.fixture(scope="module")
 def backend(engine: Engine) -> CountingBackend:
     return CountingBackend(engine)
-
-
-@pytest.fixture(scope="module")
-def grammar(engine: Engine) -> None:
-    """Skip until the engine constrains `regex` / `json_schema` (structured outputs are being built)."""
-    params = {"regex": "[0-9]{3}", "max_new_tokens": 6, "temperature": 0}
-    try:
-        text = engine.generate(
-            input_ids=engine.tokenizer.encode("Hello, my name is"), sampling_params=params
-        )["text"]
-    except SglcError as e:
-        if "unknown sampling parameter" in str(e):
-            pytest.skip(f"the engine rejects regex/json_schema: {e}")
-        raise
-    if re.fullmatch("[0-9]{3}", text) is None:
-        pytest.skip(f"the engine takes regex but does not constrain the output yet ({text!r})")
 
 
 @function
@@ -347,8 +330,8 @@ def test_gen_sends_its_sampling_params_over_the_programs_defaults(engine) -> Non
     ]
 
 
-# -- structured outputs (engine support in progress) ------------------------------------------
-def test_gen_regex_and_json_schema(backend, grammar) -> None:
+# -- structured outputs ---------------------------------------------------------------------
+def test_gen_regex_and_json_schema(backend) -> None:
     @function
     def structured(s):
         s += "Pick a number: "
@@ -380,7 +363,7 @@ def test_example_tree_of_thought(backend) -> None:
     assert all(m["cached_tokens"] > 0 for m in state.get_meta_info("thought"))
 
 
-def test_example_json_extraction(backend, grammar) -> None:
+def test_example_json_extraction(backend) -> None:
     state = extract_person.run(text="Tom Baker, 41, lives in Leeds.", backend=backend)
     person = json.loads(state["person"])
     assert (

@@ -96,6 +96,7 @@ class RadixCache:
     # -- insertion ------------------------------------------------------------
     def insert(self, tokens: list[int], slots: list[int]) -> int:
         """Cache tokens -> slots; return the number of leading tokens that were already cached."""
+        assert len(tokens) == len(slots), f"{len(tokens)} tokens for {len(slots)} slots"
         if self.disabled:
             return 0
         node, i = self.root, 0

@@ -5,10 +5,14 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sgl_compile.runtime.radix_cache import Node
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from sgl_compile.runtime.grammar import Constraint
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class Req:
     # buffer) for draws still on the device, resolved when the step's results are read back.
     output_ids: list[int] = field(default_factory=list)
     pending: int = 0
+    # structured output: the grammar state, following every resolved output token (runtime/structured.py)
+    constraint: Constraint | None = None
 
     # KV bookkeeping (owned by the scheduler)
     row: int | None = None  # row in the request-to-token table while admitted
@@ -138,9 +144,32 @@ class Req:
         if self.finish is None and (n_out >= p.max_new_tokens or len(self.prompt_ids) + n_out >= context_len):
             self.finish = FinishReason("length")
         if self.finish is not None:
-            self.drop_pending()
-            if not isinstance(self.finish.matched, str):
-                self._text = self.text + self.detok.flush()  # an incomplete character at the very end
+            self.end(self.finish)
+
+    def end(self, reason: FinishReason) -> None:
+        """Finish now (as add_token does when a check fires): drop pending draws, complete the text."""
+        self.finish = reason
+        self.drop_pending()
+        if not isinstance(reason.matched, str):
+            self._text = self.text + self.detok.flush()  # an incomplete character at the very end
+
+    def replace_output_tail(self, start: int, ids: list[int], context_len: int) -> None:
+        """Jump-forward: output_ids[start:] becomes `ids`, tokens nobody sampled that spell the old tail's
+        text and more (no draw may be pending). Then the finish checks of `add_token` (stop strings,
+        length). The detokenizer restarts after the new tokens: the text so far is decoded whole."""
+        assert not self.pending, "jump-forward with a draw in flight"
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.output_ids[start:] = ids
+        skip = self.params.skip_special_tokens
+        self._text = self.tokenizer.decode(self.output_ids, skip)
+        self.detok = IncrementalDetokenizer(self.tokenizer, list(self.output_ids), skip)
+        self._decoded = n_out = len(self.output_ids)
+        p = self.params
+        if p.stop:
+            self._check_stop_strings()
+        if self.finish is None and (n_out >= p.max_new_tokens or len(self.prompt_ids) + n_out >= context_len):
+            self.finish = FinishReason("length")
 
     def _check_stop_strings(self) -> None:
         text = self.text

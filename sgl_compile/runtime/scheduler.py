@@ -10,6 +10,13 @@ schedule step N+1 while step N runs.
 When decode runs out of KV slots the newest requests are retracted: their
 computed KV goes into the radix cache (unlocked, so it may be evicted) and they
 wait at the head of the queue with the tokens generated so far.
+
+Structured outputs (runtime/structured.py): a constrained request's draws are
+masked by its grammar, whose state must have seen every earlier token. A batch
+that samples such a request (or a penalized one, whose penalties read the
+output so far) therefore reads the previous step back after its own forward is
+queued and before it samples. Jump-forward appends the text a grammar forces
+without sampling it; those tokens are computed as an extend chunk next step.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
 from sgl_compile.runtime.radix_cache import RadixCache
 from sgl_compile.runtime.request import FinishReason, Req
 from sgl_compile.runtime.sampler import DeviceSample, SampleInput, SampleOutput, sample
+from sgl_compile.runtime.structured import GrammarError, Grammars
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("lpm", "fcfs")
 LPM_QUEUE_LIMIT = 128  # longest-prefix-match sorting costs a tree walk per request; above this, fcfs
+MAX_JUMPS = 8  # forced texts appended after one sampled token (each makes progress; a bound all the same)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class SchedulerConfig:
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     overlap: bool = True  # launch step N + 1 before reading step N's results
+    disable_jump_forward: bool = False  # sample text a grammar forces token by token instead
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in POLICIES:
@@ -54,6 +64,16 @@ class SchedulerConfig:
             )
         if self.max_running_requests < 1:
             raise SglcError("max_running_requests must be >= 1")
+
+
+@dataclass
+class _Forward:
+    """A batch whose forward is queued: its logits, not yet sampled."""
+
+    batch: list[ScheduledReq]
+    logits: Tensor
+    rows: list[int]  # per batch entry: its sampling row in logits, or -1
+    prompt_rows: dict[int, Tensor]
 
 
 @dataclass
@@ -107,6 +127,9 @@ class Scheduler:
         self.cached_prompt_tokens = 0
         self.generated_tokens = 0
         self.num_retractions = 0
+        self.forward_steps = 0
+        self.jump_forward_tokens = 0
+        self.grammars = Grammars(compiled.tokenizer, c.vocab_size, cfg.max_running_requests)
         self._inflight: _Inflight | None = None
 
     # -- requests in and out --------------------------------------------------------
@@ -126,23 +149,38 @@ class Scheduler:
                 message=f"request needs up to {need} KV slots but the pool holds {self.kv.size} "
                 "(lower max_new_tokens or raise max_total_tokens)",
             )
-        else:
+        elif req.params.constraint is None or self._constrain(req):
             self.waiting.append(req)
+
+    def _constrain(self, req: Req) -> bool:
+        """Give a request its grammar; False if it is finished already (invalid grammar, or output the
+        grammar forces entirely)."""
+        try:
+            self.grammars.attach(req)
+        except SglcError as e:
+            req.finish = FinishReason("error", message=str(e))
+            return False
+        self._follow_grammar(req)  # text forced before any token: jump over it too
+        if req.finished:
+            self.grammars.release(req)
+        return not req.finished
 
     def abort(self, rid: str) -> Req | None:
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
-                req.finish = FinishReason("abort")
-                req.drop_pending()
-                return req
+                return self._aborted(req)
         for req in self.running:
             if req.rid == rid:
                 self._release(req)
-                req.finish = FinishReason("abort")
-                req.drop_pending()
-                return req
+                return self._aborted(req)
         return None
+
+    def _aborted(self, req: Req) -> Req:
+        req.finish = FinishReason("abort")
+        req.drop_pending()
+        self.grammars.release(req)
+        return req
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._inflight)
@@ -164,12 +202,23 @@ class Scheduler:
         step N + 1; that extra draw is dropped.
         """
         batch = self.schedule()
-        launched = self._launch(batch) if batch else None
-        done = self._finish(self._inflight) if self._inflight is not None else []
-        self._inflight = launched
+        previous, self._inflight = self._inflight, None
+        reads_history = any(
+            s.samples and (s.req.constraint is not None or s.req.params.penalized) for s in batch
+        )
+        queued = self._forward(batch) if batch else None
+        if reads_history:
+            # Masks and penalties need every earlier token: read the previous step back now. The new
+            # forward is already queued, so this CPU work (and filling the masks) overlaps it.
+            done = self._finish(previous) if previous is not None else []
+            launched = self._sample(queued)
+        else:
+            launched = self._sample(queued) if queued is not None else None
+            done = self._finish(previous) if previous is not None else []
         if launched is not None and not self.cfg.overlap:
-            self._inflight = None
             done += self._finish(launched)
+        else:
+            self._inflight = launched
         return done
 
     def schedule(self) -> list[ScheduledReq]:
@@ -267,11 +316,12 @@ class Scheduler:
         return [ScheduledReq(r, r.kv_len, 1, [slot], [r.kv_len]) for r, slot in zip(reqs, slots, strict=True)]
 
     # -- launch and finish -----------------------------------------------------------
-    def _launch(self, batch: list[ScheduledReq]) -> _Inflight:
-        """Build the inputs, run the program and the sampler: device work is queued, nothing read back."""
+    def _forward(self, batch: list[ScheduledReq]) -> _Forward:
+        """Build the inputs and run the program: device work is queued, nothing read back."""
         fb = self.runner.build(batch)
         logits = self.runner.forward(fb)
-        draws: list[tuple[Req, int]] = []  # (request, its sampling row in logits)
+        self.forward_steps += 1
+        rows: list[int] = []
         prompt_rows: dict[int, Tensor] = {}  # rows for prompt logprobs, copied: graph outputs are reused
         row = 0
         for i, s in enumerate(batch):
@@ -282,9 +332,28 @@ class Scheduler:
             req.kv_len += s.length
             if s.length > 1:
                 self._cache_unfinished(req)
-            if s.samples and req.params.max_new_tokens > 0:
-                draws.append((req, row - 1))
-        inflight = _Inflight(batch, [r for r, _ in draws], prompt_rows)
+            rows.append(row - 1 if s.samples else -1)
+        return _Forward(batch, logits, rows, prompt_rows)
+
+    @staticmethod
+    def _draws(s: ScheduledReq) -> bool:
+        """Whether a computed entry samples: not if its request finished, or was rewritten by a jump-forward
+        (its tokens changed or grew) after the forward was queued."""
+        req = s.req
+        return (
+            req.params.max_new_tokens > 0
+            and not req.finished
+            and s.samples
+            and req.kv_len == s.start + s.length
+        )
+
+    def _sample(self, queued: _Forward) -> _Inflight:
+        """Run the sampler on a queued forward's logits (masked for constrained requests)."""
+        logits = queued.logits
+        draws = [
+            (s.req, r) for s, r in zip(queued.batch, queued.rows, strict=True) if r >= 0 and self._draws(s)
+        ]
+        inflight = _Inflight(queued.batch, [r for r, _ in draws], queued.prompt_rows)
         if draws:
             rows = [i for _, i in draws]
             inputs = [
@@ -296,6 +365,13 @@ class Scheduler:
                 if rows == list(range(logits.shape[0]))
                 else logits[torch.tensor(rows, device=logits.device)]
             )
+            constrained = [(j, r) for j, (r, _) in enumerate(draws) if r.constraint is not None]
+            if constrained:
+                if picked is logits and logits.device.type == "cuda":
+                    picked = (
+                        picked.clone()
+                    )  # a CUDA graph's static output (float32 models: .float() is a no-op)
+                self.grammars.mask(picked, constrained)
             drawn = sample(picked, inputs)
             future = self.runner.alloc_future(len(draws))
             self.runner.store_future(future, drawn.tokens)
@@ -316,12 +392,16 @@ class Scheduler:
             if req.finished:  # finished (or aborted) after this step was launched: the draw is dropped
                 continue
             token = out.tokens[i]
+            updated.append(req)
+            if req.constraint is not None and not self._grammar_accepts(req, token):
+                continue
             if out.logprobs is not None and req.params.return_logprob:
                 req.output_logprobs.append((out.logprobs[i], token))
                 req.output_top_logprobs.append(out.top_logprobs[i])
             req.add_token(token, self.cfg.context_length)
             self.generated_tokens += 1
-            updated.append(req)
+            if req.constraint is not None:
+                self._follow_grammar(req)
         for s in step.batch:
             req = s.req
             if s.samples and req.params.max_new_tokens == 0 and not req.finished:
@@ -329,11 +409,70 @@ class Scheduler:
                 updated.append(req)
         for req in updated:
             if req.finished:
+                self.grammars.release(req)
                 if req.admitted:
                     self._release(req)
                 elif req in self.waiting:  # retracted while its last draw was in flight
                     self.waiting.remove(req)
         return updated
+
+    # -- structured outputs -----------------------------------------------------------
+    def _grammar_accepts(self, req: Req, token: int) -> bool:
+        try:
+            self.grammars.accept(req, token)
+        except GrammarError as e:
+            self._grammar_failed(req, e)
+            return False
+        return True
+
+    def _grammar_failed(self, req: Req, e: GrammarError) -> None:
+        log.error("request %s: %s", req.rid, e)
+        req.end(FinishReason("error", message=f"structured output failed: {e}"))
+
+    def _follow_grammar(self, req: Req) -> None:
+        """After a token: end the request where its grammar has ended; else append what the grammar forces
+        (jump-forward: the forced text, or the stop token when nothing else is allowed)."""
+        ctx = self.cfg.context_length
+        for _ in range(MAX_JUMPS):
+            c = req.constraint
+            if req.finished or c is None:
+                return
+            if c.is_terminated():  # a stop token was accepted (with ignore_eos, add_token did not finish)
+                return req.end(FinishReason("stop", req.output_ids[-1]))
+            if self.cfg.disable_jump_forward or req.params.return_logprob or req.pending:
+                return  # (jumped tokens have no logprobs)
+            stop = c.forced_stop()
+            if stop is not None:
+                c.accept(stop)
+                req.add_token(stop, ctx)
+                self.generated_tokens += 1
+                continue
+            try:
+                jump = self.grammars.jump(req, min(req.params.max_new_tokens, ctx - len(req.prompt_ids)))
+            except GrammarError as e:
+                return self._grammar_failed(req, e)
+            if jump is None:
+                return
+            before = len(req.output_ids)
+            req.replace_output_tail(*jump, ctx)
+            self._rollback_kv(req, len(req.prompt_ids) + jump[0])
+            self.generated_tokens += len(req.output_ids) - before
+            self.jump_forward_tokens += len(jump[1])
+
+    def _rollback_kv(self, req: Req, pos: int) -> None:
+        """Forget the KV of positions >= pos (their tokens were just rewritten). The request's own slots go
+        back to the pool; cached ones stay in the tree (valid for the old tokens), and the request keeps
+        its lock only on the part it still uses. Its next chunk overwrites the table row from pos."""
+        if req.row is None or pos >= req.kv_len:
+            return
+        slots = self.table.slots(req.row, req.kv_len)
+        self.kv.free(slots[max(pos, req.prefix_len) :])
+        if pos < req.prefix_len:
+            _, node = self.cache.match_prefix(req.ids_between(0, pos))
+            self.cache.lock(node)
+            self.cache.unlock(req.last_node)
+            req.last_node, req.prefix_len = node, pos
+        req.kv_len = pos
 
     def _record_prompt_logprobs(self, req: Req, s: ScheduledReq, rows: Tensor) -> None:
         if not req.wants_prompt_logprobs:
@@ -374,10 +513,14 @@ class Scheduler:
         if req.row is None:
             return
         slots = self.table.slots(req.row, req.kv_len)
+        # KV may run one past the tokens: the step after a draw the grammar refused computed it from that
+        # draw, which the request dropped. Those slots hold nothing a later request could match.
+        valid = min(req.kv_len, req.seq_len)
+        self.kv.free(slots[max(valid, req.prefix_len) :])
         if self.cache.disabled:
-            self.kv.free(slots[req.prefix_len :])
+            self.kv.free(slots[req.prefix_len : valid])
         else:
-            cached = self.cache.insert(req.all_ids[: req.kv_len], slots)
+            cached = self.cache.insert(req.all_ids[:valid], slots[:valid])
             self.kv.free(slots[req.prefix_len : cached])
             self.cache.unlock(req.last_node)
         self.table.free(req.row)
@@ -406,6 +549,9 @@ class Scheduler:
             "cache_hit_rate": self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "generated_tokens": self.generated_tokens,
             "num_retractions": self.num_retractions,
+            "forward_steps": self.forward_steps,
+            "jump_forward_tokens": self.jump_forward_tokens,
+            "num_grammar_reqs": self.grammars.live,
         }
 
     def check_no_leaks(self) -> None:
@@ -413,3 +559,4 @@ class Scheduler:
         self.cache.check_integrity()
         assert self.kv.available() + self.cache.total_size() == self.kv.size, "KV slots leaked"
         assert self.table.available() == self.cfg.max_running_requests, "table rows leaked"
+        assert self.grammars.live == 0, "grammar constraints leaked"
