@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,13 +37,14 @@ class EngineArgs:
     max_total_tokens: int | None = None  # KV pool slots; default from a memory budget
     mem_fraction_static: float = 0.85  # of free GPU memory, for the KV pool
     context_length: int | None = None
-    chunked_prefill_size: int = 2048
+    chunked_prefill_size: int | None = None  # tokens of one extend batch; None: by device (chunk_size)
     max_running_requests: int = 256
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False  # read step N's tokens before launching step N + 1
+    disable_jump_forward: bool = False  # structured outputs: sample the text a grammar forces token by token
 
 
 @dataclass
@@ -64,7 +65,7 @@ def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        compiled.program(**{name: inputs[name] for name in input_names(compiled.program)})
+        compiled.runnable(**{name: inputs[name] for name in input_names(compiled.program)})
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del inputs
@@ -88,6 +89,16 @@ def default_max_total_tokens(compiled: CompiledModel, args: EngineArgs) -> int:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         budget = min(CPU_KV_BUDGET, available // 4)
     return max(budget // per_token, 1)
+
+
+def chunk_size(args: EngineArgs, device: torch.device) -> int:
+    """The prefill chunk: 2048 tokens on the CPU; on a GPU, 8192 with >= 60 GiB (else 4096), as SGLang
+    sizes it: an eager prefill step pays a fixed host cost per layer, so larger chunks amortise it."""
+    if args.chunked_prefill_size is not None:
+        return args.chunked_prefill_size
+    if device.type != "cuda":
+        return 2048
+    return 8192 if torch.cuda.get_device_properties(device).total_memory >= 60 * 2**30 else 4096
 
 
 def compile_options(args: EngineArgs) -> CompileOptions:
@@ -114,6 +125,7 @@ def check_args(args: EngineArgs) -> None:
 
 def launch(args: EngineArgs) -> Launched:
     compiled = load_program(args)
+    args = replace(args, chunked_prefill_size=chunk_size(args, compiled.device))
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     slots = args.max_total_tokens or default_max_total_tokens(compiled, args)
@@ -129,6 +141,7 @@ def launch(args: EngineArgs) -> Launched:
             args.cuda_graph_max_bs,
             args.disable_cuda_graph,
             overlap=not args.disable_overlap_schedule,
+            disable_jump_forward=args.disable_jump_forward,
         ),
     )
     mib = 2 * scheduler.kv.k.nbytes / (1 << 20)
