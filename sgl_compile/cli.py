@@ -209,6 +209,7 @@ _ENGINE_HELP = {
     "mem_fraction_static": "fraction of free GPU memory for the KV pool",
     "schedule_policy": "lpm (longest prefix match) | fcfs",
     "disable_jump_forward": "structured outputs: sample the text a grammar forces token by token",
+    "enable_mixed_chunk": "decode the running requests in the same step as a prefill chunk (runs eagerly)",
 }
 _COMPILE_FIELDS = ("model", "dtype", "device", "quantization", "attention_backend")
 

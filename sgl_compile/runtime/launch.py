@@ -45,6 +45,7 @@ class EngineArgs:
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False  # read step N's tokens before launching step N + 1
     disable_jump_forward: bool = False  # structured outputs: sample the text a grammar forces token by token
+    enable_mixed_chunk: bool = False  # decode joins the steps that extend other requests
 
 
 @dataclass
@@ -142,6 +143,7 @@ def launch(args: EngineArgs) -> Launched:
             args.disable_cuda_graph,
             overlap=not args.disable_overlap_schedule,
             disable_jump_forward=args.disable_jump_forward,
+            enable_mixed_chunk=args.enable_mixed_chunk,
         ),
     )
     mib = 2 * scheduler.kv.k.nbytes / (1 << 20)

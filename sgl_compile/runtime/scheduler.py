@@ -56,6 +56,10 @@ class SchedulerConfig:
     disable_cuda_graph: bool = False
     overlap: bool = True  # launch step N + 1 before reading step N's results
     disable_jump_forward: bool = False  # sample text a grammar forces token by token instead
+    # The running requests' decode joins a step that extends others (a new prompt's chunk, tokens a
+    # jump-forward appended): one forward instead of an extend step that stalls decode and a decode
+    # step. Such a step runs eagerly, never as a CUDA graph.
+    enable_mixed_chunk: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in POLICIES:
@@ -222,7 +226,11 @@ class Scheduler:
         return done
 
     def schedule(self) -> list[ScheduledReq]:
-        batch = self._schedule_extend() or self._schedule_decode()
+        batch = self._schedule_extend()
+        if batch and self.cfg.enable_mixed_chunk:
+            extending = {id(s.req) for s in batch}
+            batch += self._schedule_decode([r for r in self.running if id(r) not in extending])
+        batch = batch or self._schedule_decode()
         while not batch and len(self.running) > 1 and self._inflight is None:
             # Every running request is stuck waiting for KV (e.g. two half-done chunked prefills):
             # retract the newest. One request alone always fits (checked in `add`).
@@ -303,9 +311,10 @@ class Scheduler:
         self.running.append(req)
         return True
 
-    def _schedule_decode(self) -> list[ScheduledReq]:
+    def _schedule_decode(self, running: list[Req] | None = None) -> list[ScheduledReq]:
         ctx = self.cfg.context_length
-        reqs = [r for r in self.running if r.seq_len - r.kv_len == 1 and r.can_extend(ctx)]
+        running = self.running if running is None else running
+        reqs = [r for r in running if r.seq_len - r.kv_len == 1 and r.can_extend(ctx)]
         while reqs and self.kv.available() < len(reqs):
             self.cache.evict(len(reqs) - self.kv.available())
             if self.kv.available() < len(reqs):
