@@ -91,9 +91,7 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
         log.info("starting the scheduler process (%s)",
                  f"artifact {e.compiled}" if e.compiled else f"model {model}, {e.dtype}, {e.device}")  # fmt: skip
         ready = await client.start(on_death)
-        holder["state"] = ServerState(
-            client, tokenizer, metrics, model, served, args.max_queued_requests
-        )
+        holder["state"] = ServerState(client, tokenizer, metrics, model, served, args.max_queued_requests)
         app.state.openai = OpenAIServing(holder["state"])
         log.info("KV pool %d tokens; ready at http://%s:%d", ready.max_total_tokens, args.host, args.port)
         try:
