@@ -113,7 +113,7 @@ def main() -> None:
               "json_schema": json.dumps(SCHEMA)}  # fmt: skip
     results = {}
     for jump in [m == "on" for m in args.modes.split(",")]:
-        engine = Engine(model=args.model, disable_jump_forward=not jump, **options)
+        engine = Engine(model=args.model, jump_forward="on" if jump else "off", **options)
         try:
             prompts = [prompt(engine, p) for p in passages(args.num_requests)]
             results["on" if jump else "off"] = run(engine, prompts, params)

@@ -208,7 +208,8 @@ _ENGINE_HELP = {
     "max_total_tokens": "KV pool size in tokens (default: from a memory budget)",
     "mem_fraction_static": "fraction of free GPU memory for the KV pool",
     "schedule_policy": "lpm (longest prefix match) | fcfs",
-    "disable_jump_forward": "structured outputs: sample the text a grammar forces token by token",
+    "jump_forward": "structured outputs: append text a grammar forces unsampled: on | off | auto (on "
+    "unless decode replays CUDA graphs)",
     "enable_mixed_chunk": "decode the running requests in the same step as a prefill chunk (runs eagerly)",
 }
 _COMPILE_FIELDS = ("model", "dtype", "device", "quantization", "attention_backend")

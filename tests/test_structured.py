@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import jsonschema
 import pytest
+import torch
 
 from sgl_compile.errors import SglcError
 from sgl_compile.models.loading import LoadedModel
@@ -237,7 +238,7 @@ def test_jump_forward_saves_steps_and_keeps_greedy_choices(
     params, prompts = _greedy_cases(engine, JUMP_NAMES)
     on, s_on = _run_scheduler(engine, params, prompts)
     assert forced, "no request jumped"
-    off, s_off = _run_scheduler(engine, params, prompts, disable_jump_forward=True)
+    off, s_off = _run_scheduler(engine, params, prompts, jump_forward=False)
     assert s_on.jump_forward_tokens > 0 and s_off.jump_forward_tokens == 0
     assert s_on.forward_steps < s_off.forward_steps
     for name, a, b in zip(JUMP_NAMES, on, off, strict=True):
@@ -263,8 +264,8 @@ def test_overlap_gives_the_sequential_constrained_outputs(engine: Engine, jump: 
     prompts += prompts
     params.append(SamplingParams(temperature=0, max_new_tokens=20))  # an unconstrained neighbour
     prompts.append("Once upon a time")
-    seq, _ = _run_scheduler(engine, params, prompts, overlap=False, disable_jump_forward=not jump)
-    ovl, _ = _run_scheduler(engine, params, prompts, overlap=True, disable_jump_forward=not jump)
+    seq, _ = _run_scheduler(engine, params, prompts, overlap=False, jump_forward=jump)
+    ovl, _ = _run_scheduler(engine, params, prompts, overlap=True, jump_forward=jump)
     assert [(r.output_ids, r.finish, r.text) for r in ovl] == [(r.output_ids, r.finish, r.text) for r in seq]
     for name, r in zip(names + names, ovl, strict=False):
         jsonschema.validate(json.loads(r.text), SCHEMAS[name])
@@ -296,3 +297,18 @@ def test_a_refused_token_fails_only_its_request(engine: Engine, monkeypatch) -> 
     reqs, _ = _run_scheduler(engine, params, ["Once upon a time", "Once upon a time"])
     assert reqs[0].finish.kind == "error" and "refused" in reqs[0].finish.message
     assert reqs[1].finish.kind == "length" and len(reqs[1].output_ids) == 8
+
+
+def test_jump_forward_default_follows_cuda_graphs() -> None:
+    """auto: on where every step is eager (CPU, graphs disabled), off where decode replays CUDA graphs
+    (a jump's extend step would run eagerly between them)."""
+    from sgl_compile.runtime.launch import EngineArgs, check_args, jump_forward_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert jump_forward_enabled(EngineArgs(), cpu)
+    assert not jump_forward_enabled(EngineArgs(), cuda)
+    assert jump_forward_enabled(EngineArgs(disable_cuda_graph=True), cuda)
+    assert jump_forward_enabled(EngineArgs(jump_forward="on"), cuda)
+    assert not jump_forward_enabled(EngineArgs(jump_forward="off"), cpu)
+    with pytest.raises(SglcError, match="unknown jump forward 'yes'; valid: auto, on, off"):
+        check_args(EngineArgs(jump_forward="yes"))

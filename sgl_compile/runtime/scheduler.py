@@ -55,7 +55,7 @@ class SchedulerConfig:
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     overlap: bool = True  # launch step N + 1 before reading step N's results
-    disable_jump_forward: bool = False  # sample text a grammar forces token by token instead
+    jump_forward: bool = True  # append text a grammar forces without sampling it token by token
     # The running requests' decode joins a step that extends others (a new prompt's chunk, tokens a
     # jump-forward appended): one forward instead of an extend step that stalls decode and a decode
     # step. Such a step runs eagerly, never as a CUDA graph.
@@ -448,7 +448,7 @@ class Scheduler:
                 return
             if c.is_terminated():  # a stop token was accepted (with ignore_eos, add_token did not finish)
                 return req.end(FinishReason("stop", req.output_ids[-1]))
-            if self.cfg.disable_jump_forward or req.params.return_logprob or req.pending:
+            if not self.cfg.jump_forward or req.params.return_logprob or req.pending:
                 return  # (jumped tokens have no logprobs)
             stop = c.forced_stop()
             if stop is not None:
