@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,14 +59,19 @@ def test_manifest_records_what_was_compiled(artifact) -> None:
                                                 "tuning.json", "tokenizer"}  # fmt: skip
 
 
-def test_engine_from_artifact_equals_direct_compile(artifact, smollm2_gguf) -> None:
-    out, _ = artifact
+@pytest.fixture(scope="module")
+def direct_greedy(smollm2_gguf) -> list[list[int]]:
+    """Greedy outputs of PROMPTS from compiling SmolLM2 directly (no artifact)."""
     with Engine(model=str(smollm2_gguf), max_total_tokens=4096) as direct:
-        want = [o["output_ids"] for o in direct.generate(PROMPTS, GREEDY)]
+        return [o["output_ids"] for o in direct.generate(PROMPTS, GREEDY)]
+
+
+def test_engine_from_artifact_equals_direct_compile(artifact, direct_greedy, smollm2) -> None:
+    out, _ = artifact
     with Engine(compiled=str(out), max_total_tokens=4096) as loaded:
         got = loaded.generate(PROMPTS, GREEDY)
-        assert [o["output_ids"] for o in got] == want
-        assert loaded.tokenizer.encode(prompts.MIXED) == direct.tokenizer.encode(prompts.MIXED)
+        assert [o["output_ids"] for o in got] == direct_greedy
+        assert loaded.tokenizer.encode(prompts.MIXED) == smollm2.tokenizer.encode(prompts.MIXED)
 
 
 def _projection_bytes(directory: Path) -> tuple[int, int]:
@@ -77,13 +88,17 @@ def _projection_bytes(directory: Path) -> tuple[int, int]:
     return proj, other
 
 
-def test_int8_artifact_is_a_quarter_of_the_projections(artifact, smollm2_gguf, tmp_path) -> None:
-    """fp32 -> int8 shrinks each projection 4x, plus one fp32 scale per output row (K >= 576: < 0.2%);
-    the embedding / LM head, the norms and the rope table stay as they were."""
+@pytest.mark.parametrize(("method", "low", "high"), [("int8", 0.25, 0.25 + 1 / 576), ("int4", 0.125, 0.145)])
+def test_quantized_artifact_shrinks_the_projections(
+    artifact, smollm2_gguf, tmp_path, method, low, high
+) -> None:
+    """On disk, relative to the fp32 artifact: int8 is 1 byte per weight plus one fp32 scale per output row
+    (K >= 576: < 0.2%); int4 half a byte plus a scale per group of 128 and rows of K = 576 padded to 640
+    (the bounds of test_quantize's pass report). The embedding / LM head, norms and rope table stay."""
     out, _ = artifact
-    _compile(smollm2_gguf, tmp_path / "int8", "--quantization", "int8")
-    (full, full_other), (int8, int8_other) = _projection_bytes(out), _projection_bytes(tmp_path / "int8")
-    assert 0.25 <= int8 / full <= 0.25 + 1 / 576 and int8_other == full_other
+    _compile(smollm2_gguf, tmp_path / method, "--quantization", method)
+    (full, full_other), (quant, quant_other) = _projection_bytes(out), _projection_bytes(tmp_path / method)
+    assert low <= quant / full <= high and quant_other == full_other
 
 
 def test_mismatched_versions_or_device_are_refused(artifact, tmp_path) -> None:
@@ -113,39 +128,57 @@ def test_serve_from_missing_artifact_fails_with_one_line(tmp_path) -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not a compiled artifact" in r.stderr
 
 
-def test_serve_compiled_uses_the_artifacts_model_and_tokenizer(tmp_path) -> None:
-    """`sglc serve --compiled DIR` must not fall back to the default model for its tokenizer or name
-    (the HTTP process never loads the program): an artifact of another model serves as that model."""
-    import os
-    import socket
-    import time
-    import urllib.request
-
-    out = tmp_path / "dummy"
-    _compile(Path("dummy:smollm2-135m"), out)  # byte tokenizer, not the default model's
+@contextmanager
+def _serve_compiled(artifact_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """`sglc serve --compiled DIR` on a free port, healthy (/health_generate); yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "sgl_compile.cli", "serve", "--compiled", str(out), "--port", str(port),
-           "--max-total-tokens", "2048"]  # fmt: skip
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    cmd = [sys.executable, "-m", "sgl_compile.cli", "serve", "--compiled", str(artifact_dir), "--port", str(port),
+           "--max-total-tokens", "4096"]  # fmt: skip
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
         while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health_generate", timeout=30) as r:
+                with urllib.request.urlopen(url + "/health_generate", timeout=30) as r:
                     if r.status == 200:
                         break
             except OSError:
                 assert time.time() < deadline, "server not healthy in time"
                 time.sleep(0.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/get_model_info", timeout=30) as r:
-            assert json.loads(r.read())["model_path"] == "dummy:smollm2-135m"
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)
-        log.close()
+
+
+def _post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def test_serve_compiled_equals_direct_compile(artifact, direct_greedy, tmp_path) -> None:
+    out, _ = artifact
+    with _serve_compiled(out, tmp_path) as url:
+        got = _post_json(url + "/generate", {"text": PROMPTS, "sampling_params": GREEDY})
+    assert [o["output_ids"] for o in got] == direct_greedy
+
+
+def test_serve_compiled_uses_the_artifacts_model_and_tokenizer(tmp_path) -> None:
+    """`sglc serve --compiled DIR` must not fall back to the default model for its tokenizer or name
+    (the HTTP process never loads the program): an artifact of another model serves as that model."""
+    out = tmp_path / "dummy"
+    _compile(Path("dummy:smollm2-135m"), out)  # byte tokenizer, not the default model's
+    with (
+        _serve_compiled(out, tmp_path) as url,
+        urllib.request.urlopen(url + "/get_model_info", timeout=30) as r,
+    ):
+        assert json.loads(r.read())["model_path"] == "dummy:smollm2-135m"

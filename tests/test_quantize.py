@@ -121,10 +121,13 @@ def test_pack_int4_follows_the_documented_layout() -> None:
 
 
 def test_unknown_quantization_and_backend_are_refused() -> None:
-    for flag, value in (("--quantization", "int3"), ("--attention-backend", "cudnn")):
+    cases = (("compile", "--quantization", "int3", "int8, int4, fp8"),
+             ("serve", "--quantization", "int3", "int8, int4, fp8"),
+             ("compile", "--attention-backend", "cudnn", "torch, triton"))  # fmt: skip
+    for command, flag, value, valid in cases:
         r = subprocess.run(
-            [sys.executable, "-m", "sgl_compile.cli", "compile", flag, value],
+            [sys.executable, "-m", "sgl_compile.cli", command, flag, value],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert f"unknown {flag[2:].replace('-', ' ')} {value!r}; valid:" in r.stderr, r.stderr
+        assert f"unknown {flag[2:].replace('-', ' ')} {value!r}; valid: {valid}" in r.stderr, r.stderr

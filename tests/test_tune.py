@@ -3,6 +3,8 @@ every kernel of a model is tried with its candidates, and the winner is what its
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from sgl_compile.codegen import autotune, norm, tune
@@ -31,6 +33,26 @@ def test_tuned_configs_are_what_launchers_look_up(tmp_path) -> None:
         got = autotune.get_config("rms_norm", norm.rms_norm_key(x), lambda: {"fallback": 1})
         assert got == norm.CONFIG_SPACE["rms_norm"][1]
         assert autotune.get_config("rms_norm", (7, "float32"), lambda: {"fallback": 1}) == {"fallback": 1}
+    finally:
+        autotune.use_cache_file(None)
+    # The file keys each winner by kernel, shapes, dtype and device name.
+    keys = list(json.loads(path.read_text()))
+    assert all(k.split("|")[0] in kernels and k.endswith("|cpu") and "float32" in k for k in keys), keys
+
+
+def test_configs_tuned_on_another_device_are_not_used(tmp_path, monkeypatch) -> None:
+    x = torch.randn(3, 64)
+    winner = dict(norm.CONFIG_SPACE["rms_norm"][-1])
+    entry = autotune.entry_key("rms_norm", norm.rms_norm_key(x))
+    path = autotune.save_entries({entry: winner}, tmp_path / "tuning.json")
+    try:
+        autotune.use_cache_file(path)
+        assert autotune.get_config("rms_norm", norm.rms_norm_key(x), lambda: {"fallback": 1}) == winner
+        monkeypatch.setattr(autotune, "device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+        autotune.use_cache_file(path)
+        assert autotune.get_config("rms_norm", norm.rms_norm_key(x), lambda: {"fallback": 1}) == {
+            "fallback": 1
+        }
     finally:
         autotune.use_cache_file(None)
 
