@@ -37,7 +37,7 @@ def _requests(tok) -> list[tuple[list[int], SamplingParams]]:
 
 
 def _run(
-    compiled, overlap: bool, max_total_tokens: int = 4000, chunk: int = 64, mixed: bool = False
+    compiled, overlap: bool, max_total_tokens: int = 4000, chunk: int = 64, mixed: bool = False, **cfg
 ) -> tuple[list[Req], Scheduler]:
     sched = Scheduler(
         compiled,
@@ -47,6 +47,7 @@ def _run(
             chunked_prefill_size=chunk,
             overlap=overlap,
             enable_mixed_chunk=mixed,
+            **cfg,
         ),
     )
     tok = compiled.tokenizer
@@ -87,9 +88,11 @@ def test_overlap_gives_the_sequential_results(compiled) -> None:
 
 
 def test_overlap_with_retraction_and_eviction(compiled) -> None:
-    """A pool too small for the batch: requests are retracted while their last draw is in flight."""
-    sequential, _ = _run(compiled, overlap=False, max_total_tokens=120, chunk=32)
-    overlapped, sched = _run(compiled, overlap=True, max_total_tokens=120, chunk=32)
+    """A pool too small for the batch: requests are retracted while their last draw is in flight (no KV
+    reserved at admission for their output, so that they are)."""
+    small = {"max_total_tokens": 76, "chunk": 32, "schedule_conservativeness": 0.0}
+    sequential, _ = _run(compiled, overlap=False, **small)
+    overlapped, sched = _run(compiled, overlap=True, **small)
     assert sched.num_retractions > 0
     _assert_same(overlapped, sequential)
 

@@ -272,13 +272,14 @@ def test_overlap_gives_the_sequential_constrained_outputs(engine: Engine, jump: 
 
 
 def test_constrained_requests_survive_retraction(engine: Engine) -> None:
-    """A pool too small for the batch: constrained requests are retracted (their jumped tokens and rolled
-    back KV included) and resume with their grammar state."""
+    """A pool too small for the batch (and no KV reserved for output at admission): constrained requests
+    are retracted (their jumped tokens and rolled back KV included) and resume with their grammar state."""
     names = ["person", "nested", "points", "patterns", "unicode", "numbers"]
     params, prompts = _greedy_cases(engine, names)
     params = [replace(p, max_new_tokens=100) for p in params]  # greedy outputs here close within 60
     # ~40 prompt tokens (30 shared) + 20-60 output tokens each: six need about 300 slots
-    reqs, sched = _run_scheduler(engine, params, prompts, max_total_tokens=150, chunked_prefill_size=64)
+    small = {"max_total_tokens": 150, "chunked_prefill_size": 64, "schedule_conservativeness": 0.0}
+    reqs, sched = _run_scheduler(engine, params, prompts, **small)
     assert sched.num_retractions > 0
     for name, r in zip(names, reqs, strict=True):
         assert r.finish.kind == "stop"

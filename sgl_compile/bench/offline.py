@@ -19,9 +19,11 @@ def offline_throughput(engine: Engine, requests: list[BenchRequest]) -> dict[str
     """All requests at once through the Engine, each generating exactly its output length."""
     engine.generate(input_ids=[requests[0].input_ids], sampling_params={"max_new_tokens": 4})  # warm-up
     params = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in requests]
+    before = engine.get_stats()
     start = time.perf_counter()
     outs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
     duration = time.perf_counter() - start
+    after = engine.get_stats()
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     in_tokens = sum(len(r.input_ids) for r in requests)
     return {
@@ -33,6 +35,9 @@ def offline_throughput(engine: Engine, requests: list[BenchRequest]) -> dict[str
         "input_throughput": in_tokens / duration,
         "output_throughput": out_tokens / duration,
         "total_throughput": (in_tokens + out_tokens) / duration,
+        "forward_steps": after["forward_steps"] - before["forward_steps"],
+        "num_retractions": after["num_retractions"] - before["num_retractions"],
+        "max_total_tokens": engine.scheduler.kv.size,
     }
 
 

@@ -47,6 +47,7 @@ class EngineArgs:
     disable_overlap_schedule: bool = False  # read step N's tokens before launching step N + 1
     jump_forward: str = "auto"  # structured outputs: on | off | auto (see jump_forward_enabled)
     enable_mixed_chunk: bool = False  # decode joins the steps that extend other requests
+    schedule_conservativeness: float = 1.0  # scales the KV admission reserves for output to come
 
 
 @dataclass
@@ -160,6 +161,7 @@ def launch(args: EngineArgs) -> Launched:
             overlap=not args.disable_overlap_schedule,
             jump_forward=jump_forward_enabled(args, compiled.device),
             enable_mixed_chunk=args.enable_mixed_chunk,
+            schedule_conservativeness=args.schedule_conservativeness,
         ),
     )
     mib = 2 * scheduler.kv.k.nbytes / (1 << 20)

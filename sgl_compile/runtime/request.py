@@ -116,6 +116,16 @@ class Req:
         the request by EOS or a stop string; then the extra draw is dropped)."""
         return self.num_output < self.params.max_new_tokens and self.seq_len < context_len
 
+    def tokens_to_come(self, context_len: int) -> int:
+        """The most tokens the request may still draw."""
+        return max(0, min(self.params.max_new_tokens - self.num_output, context_len - self.seq_len))
+
+    @property
+    def runs_to_its_limit(self) -> bool:
+        """Nothing but the length limit can end it (ignore_eos, no stops): its KV need is exact."""
+        p = self.params
+        return p.ignore_eos and not p.stop and not p.stop_token_ids and self.constraint is None
+
     def add_pending(self, future_row: int) -> None:
         self.output_ids.append(-1 - future_row)
         self.pending += 1

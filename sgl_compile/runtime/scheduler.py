@@ -7,9 +7,16 @@ allocate slots), `run` (the model and the sampler), `process` (CPU: append
 tokens, finish, cache). They are kept apart so that the GPU runtime can
 schedule step N+1 while step N runs.
 
-When decode runs out of KV slots the newest requests are retracted: their
-computed KV goes into the radix cache (unlocked, so it may be evicted) and they
-wait at the head of the queue with the tokens generated so far.
+Admission reserves KV for the output still to come: a request is admitted only
+if the pool (free plus evictable) holds its uncached prompt and, for it and
+every running request, the tokens they are expected to draw. A request that
+only its length limit can end (ignore_eos, no stops) is expected to draw all of
+them; any other a share of them, the new-token ratio, which starts at 0.7 and
+decays to 0.1 over 600 decode steps (as SGLang estimates it). When decode runs
+out of KV slots all the same, the newest requests are retracted: their computed
+KV goes into the radix cache (unlocked, so it may be evicted), they wait at the
+head of the queue with the tokens generated so far, and the ratio goes back to
+1 (the estimate was too low).
 
 Structured outputs (runtime/structured.py): a constrained request's draws are
 masked by its grammar, whose state must have seen every earlier token. A batch
@@ -42,6 +49,12 @@ log = logging.getLogger(__name__)
 POLICIES = ("lpm", "fcfs")
 LPM_QUEUE_LIMIT = 128  # longest-prefix-match sorting costs a tree walk per request; above this, fcfs
 MAX_JUMPS = 8  # forced texts appended after one sampled token (each makes progress; a bound all the same)
+INIT_NEW_TOKEN_RATIO = 0.7  # expected share of max_new_tokens a request that may stop early draws
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600  # per decode step
+# An estimated need counts at most this many tokens to come: requests without max_tokens get the whole
+# context as their limit, which would otherwise hold back admission for an output few of them reach.
+ESTIMATE_CLIP = 4096
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,9 @@ class SchedulerConfig:
     # jump-forward appended): one forward instead of an extend step that stalls decode and a decode
     # step. Such a step runs eagerly, never as a CUDA graph.
     enable_mixed_chunk: bool = False
+    # Scales the KV reserved at admission for the running requests' output to come: 0 reserves only
+    # their next token (more requests run at once, more are retracted), > 1 is more cautious.
+    schedule_conservativeness: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in POLICIES:
@@ -68,6 +84,8 @@ class SchedulerConfig:
             )
         if self.max_running_requests < 1:
             raise SglcError("max_running_requests must be >= 1")
+        if self.schedule_conservativeness < 0:
+            raise SglcError("schedule_conservativeness must be >= 0")
 
 
 @dataclass
@@ -133,6 +151,8 @@ class Scheduler:
         self.num_retractions = 0
         self.forward_steps = 0
         self.jump_forward_tokens = 0
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self._reserved = 0  # during _schedule_extend: KV the running requests still need
         self.grammars = Grammars(compiled.tokenizer, c.vocab_size, cfg.max_running_requests)
         self._inflight: _Inflight | None = None
 
@@ -226,11 +246,15 @@ class Scheduler:
         return done
 
     def schedule(self) -> list[ScheduledReq]:
-        batch = self._schedule_extend()
+        batch, decode = self._schedule_extend(), []
         if batch and self.cfg.enable_mixed_chunk:
             extending = {id(s.req) for s in batch}
-            batch += self._schedule_decode([r for r in self.running if id(r) not in extending])
-        batch = batch or self._schedule_decode()
+            decode = self._schedule_decode([r for r in self.running if id(r) not in extending])
+        elif not batch:
+            decode = self._schedule_decode()
+        batch += decode
+        if decode:
+            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         while not batch and len(self.running) > 1 and self._inflight is None:
             # Every running request is stuck waiting for KV (e.g. two half-done chunked prefills):
             # retract the newest. One request alone always fits (checked in `add`).
@@ -263,6 +287,8 @@ class Scheduler:
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
         batch: list[ScheduledReq] = []
         partial = [r for r in self.running if r.seq_len - r.kv_len > 1]
+        if self.waiting:
+            self._reserved = sum(self._kv_to_come(r) for r in self.running)
         for req in partial + self._waiting_in_policy_order():
             if budget <= 0:
                 break
@@ -274,6 +300,7 @@ class Scheduler:
                 if req not in partial:
                     self._requeue(req)  # admitted just now, but no room: back to the queue
                 break
+            self._reserved -= chunk  # allocated now
             start = req.kv_len
             batch.append(
                 ScheduledReq(req, start, chunk, slots, self._logit_positions(req, start, start + chunk))
@@ -281,21 +308,29 @@ class Scheduler:
             budget -= chunk
         return batch
 
+    def _kv_to_come(self, req: Req, computed: int | None = None) -> int:
+        """KV slots the request is expected to take beyond its `computed` (default: kv_len) tokens."""
+        computed = req.kv_len if computed is None else computed
+        out = req.tokens_to_come(self.cfg.context_length)
+        expected = out if req.runs_to_its_limit else self.new_token_ratio * min(out, ESTIMATE_CLIP)
+        return req.seq_len - computed + int(self.cfg.schedule_conservativeness * expected)
+
     def _admit(self, req: Req) -> bool:
-        """Give a waiting request a table row and its cached prefix (locked)."""
-        if len(self.running) >= self.cfg.max_running_requests:
-            return False
-        decoding = sum(1 for r in self.running if r.seq_len - r.kv_len <= 1)
-        if self.kv.available() + self.cache.evictable_size < min(req.seq_len, 16) + decoding:
-            return False  # leave the running requests room for their next token
-        row = self.table.alloc()
-        if row is None:
+        """Give a waiting request a table row and its cached prefix (locked), if the pool holds what it and
+        the running requests are expected to need (one request alone is always admitted)."""
+        if len(self.running) >= self.cfg.max_running_requests or self.table.available() == 0:
             return False
         limit = req.seq_len - 1  # the last token is always computed: its logits are sampled
         if req.wants_prompt_logprobs:  # positions whose prompt logprobs are still owed must be computed
             limit = min(limit, max(req.params.logprob_start_len + len(req.input_logprobs) - 1, 0))
         prefix, node = self.cache.match_prefix(req.all_ids[:limit])
-        self.cache.lock(node)
+        self.cache.lock(node)  # before measuring: a locked prefix is no longer evictable
+        need = self._reserved + self._kv_to_come(req, len(prefix))
+        if self.running and self.kv.available() + self.cache.evictable_size < need:
+            self.cache.unlock(node)
+            return False
+        self._reserved = need
+        row = self.table.alloc()
         self.table.write(row, 0, prefix)
         req.row, req.last_node, req.prefix_len, req.kv_len = row, node, len(prefix), len(prefix)
         if not req.ever_admitted:
@@ -544,6 +579,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.num_retractions += 1
+        self.new_token_ratio = 1.0
         self._requeue(req)
 
     # -- introspection --------------------------------------------------------------
@@ -560,6 +596,7 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "forward_steps": self.forward_steps,
             "jump_forward_tokens": self.jump_forward_tokens,
+            "new_token_ratio": self.new_token_ratio,
             "num_grammar_reqs": self.grammars.live,
         }
 

@@ -1,0 +1,114 @@
+"""Admission control: the scheduler admits a request only if the KV pool holds what it and the running
+requests are expected to need, so that decode does not run out of slots and retract."""
+
+from __future__ import annotations
+
+import pytest
+
+from sgl_compile.driver import compile_model
+from sgl_compile.runtime.request import Req
+from sgl_compile.runtime.sampling_params import SamplingParams
+from sgl_compile.runtime.scheduler import (
+    INIT_NEW_TOKEN_RATIO,
+    MIN_NEW_TOKEN_RATIO,
+    NEW_TOKEN_RATIO_DECAY,
+    Scheduler,
+    SchedulerConfig,
+)
+
+PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):",
+           "The quick brown fox", "In the beginning", "Dear Sir or Madam,", "Ingredients: flour,"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compiled(smollm2_gguf):
+    return compile_model(model=str(smollm2_gguf))
+
+
+def _scheduler(compiled, pool: int, **cfg) -> Scheduler:
+    return Scheduler(
+        compiled, SchedulerConfig(max_total_tokens=pool, context_length=8192, chunked_prefill_size=256, **cfg)
+    )
+
+
+def _add(sched: Scheduler, params: SamplingParams, n: int = len(PROMPTS)) -> list[Req]:
+    tok = sched.grammars.tokenizer  # the model's
+    eos = frozenset(tok.eos_token_ids)
+    reqs = [Req(f"r{i}", tok.encode(p), params, tok, eos) for i, p in enumerate(PROMPTS[:n])]
+    for r in reqs:
+        sched.add(r)
+    return reqs
+
+
+def _drain(sched: Scheduler) -> None:
+    while sched.has_work():
+        sched.step()
+    sched.cache.flush()
+    sched.check_no_leaks()
+
+
+def _abort_all(sched: Scheduler, reqs: list[Req]) -> None:
+    for r in reqs:
+        sched.abort(r.rid)
+    _drain(sched)
+
+
+def test_admission_reserves_the_expected_output(compiled) -> None:
+    """Requests that may stop early reserve new_token_ratio (0.7) of max_new_tokens each: a pool of 260
+    admits three of prompt ~6 + 0.7 x 100, not all eight; without the reserve every prompt fits."""
+    params = SamplingParams(temperature=0, max_new_tokens=100)
+    sched = _scheduler(compiled, 260)
+    reqs = _add(sched, params)
+    sched.step()
+    need = [len(r.prompt_ids) + int(INIT_NEW_TOKEN_RATIO * 100) for r in reqs]
+    fits = max(k for k in range(1, 9) if sum(need[:k]) <= 260)
+    assert fits == 3 and len(sched.running) == fits and len(sched.waiting) == 8 - fits
+    _abort_all(sched, reqs)
+
+    eager = _scheduler(compiled, 260, schedule_conservativeness=0.0)
+    reqs = _add(eager, params)
+    eager.step()
+    assert len(eager.running) == 8
+    _abort_all(eager, reqs)
+
+
+def test_requests_that_run_to_their_limit_are_never_retracted(compiled) -> None:
+    """ignore_eos without stops: the KV need is exact, so the pool (room for two of six at full length)
+    never runs out; the outputs are those of a pool that holds all six. Without the reserve it retracts,
+    and the new-token ratio goes back to 1."""
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    roomy = _scheduler(compiled, 2000)
+    want = _add(roomy, params, 6)
+    _drain(roomy)
+
+    pool = 2 * (max(len(r.prompt_ids) for r in want) + 10)
+    tight = _scheduler(compiled, pool)
+    got = _add(tight, params, 6)
+    _drain(tight)
+    assert tight.num_retractions == 0
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert all(len(r.output_ids) == 10 and r.finish.kind == "length" for r in got)
+
+    eager = _scheduler(compiled, pool, schedule_conservativeness=0.0)
+    again = _add(eager, params, 6)
+    _drain(eager)
+    assert eager.num_retractions > 0
+    assert [r.output_ids for r in again] == [r.output_ids for r in want]
+    assert eager.new_token_ratio > INIT_NEW_TOKEN_RATIO  # 1 after the last retraction, decaying since
+
+
+def test_the_ratio_decays_per_decode_step(compiled) -> None:
+    sched = _scheduler(compiled, 2000)
+    _add(sched, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
+    _drain(sched)
+    decode_steps = sched.forward_steps - 1  # one extend step admitted all eight
+    assert decode_steps >= 5
+    assert sched.new_token_ratio == pytest.approx(INIT_NEW_TOKEN_RATIO - decode_steps * NEW_TOKEN_RATIO_DECAY)
+    assert sched.new_token_ratio > MIN_NEW_TOKEN_RATIO
+
+
+def test_conservativeness_must_not_be_negative() -> None:
+    from sgl_compile.errors import SglcError
+
+    with pytest.raises(SglcError, match="schedule_conservativeness"):
+        SchedulerConfig(max_total_tokens=100, context_length=100, schedule_conservativeness=-1)
