@@ -7,6 +7,7 @@ The runtime asks this module for a `CompiledModel` and never sees a model class.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -108,16 +109,13 @@ def compile_model(
     start = time.perf_counter()
     gm = capture(loaded.model, max_tokens=loaded.config.max_position_embeddings)
     reports = run_passes(gm, pipeline(options.quantization, loaded.tokenizer), observe)
-    log.info(
-        "compiled %s in %.1fs: %s", loaded.source, time.perf_counter() - start, "; ".join(map(str, reports))
-    )
+    config, tokenizer, source = loaded.config, loaded.tokenizer, loaded.source
+    # The weights the passes replaced (q/k/v and gate/up before merging, originals of quantized ones) are
+    # held by reference cycles of the captured graph until a collection: free them now, before the
+    # runtime sizes the KV pool from the free memory (8.6 of llama-3.1-8b's 24 GiB on the GPU).
+    del loaded
+    gc.collect()
+    log.info("compiled %s in %.1fs: %s", source, time.perf_counter() - start, "; ".join(map(str, reports)))
     return CompiledModel(
-        gm,
-        loaded.config,
-        loaded.tokenizer,
-        resolve_dtype(options.dtype),
-        device,
-        loaded.source,
-        reports,
-        options,
+        gm, config, tokenizer, resolve_dtype(options.dtype), device, source, reports, options
     )

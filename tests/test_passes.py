@@ -82,6 +82,32 @@ def test_merged_weights_replace_the_originals(smollm2) -> None:
     assert n_params == sum(p.numel() for p in smollm2.model.parameters())
 
 
+def test_compile_frees_the_weights_it_replaced() -> None:
+    """The weights the passes replaced must be gone when compile_model returns, without the caller
+    collecting garbage: the GPU runtime sizes the KV pool from the memory free at that point. (Automatic
+    collection is off here, so only compile_model's own can free what reference cycles hold.)"""
+    import gc
+    import weakref
+
+    from sgl_compile.driver import compile_model
+
+    captured: list[weakref.ref] = []
+
+    def observe(label: str, gm: fx.GraphModule) -> None:
+        if not captured:
+            captured.extend(weakref.ref(p) for p in gm.parameters())
+
+    gc.disable()
+    try:
+        compiled = compile_model(model="dummy:smollm2-135m", observe=observe)
+        kept = {id(p) for p in compiled.program.parameters()}
+        alive = [r() for r in captured if r() is not None and id(r()) not in kept]
+    finally:
+        gc.enable()
+    assert len(captured) > 100
+    assert not alive, f"{len(alive)} replaced weights still alive ({sum(t.numel() for t in alive)} elements)"
+
+
 def test_cli_print_ir_shows_each_pass(smollm2_gguf) -> None:
     import subprocess
     import sys
