@@ -60,6 +60,11 @@ STEPS["startup-llama-3.1-8b"] = (
     "startup_s",
     30.0,
 )
+STEPS["shared-prefix-cascade"] = (
+    STEPS["shared-prefix-cache"][0] + ["--enable-cascade-attention"],
+    "output_throughput",
+    None,
+)
 STEPS["shared-prefix-no-cache"] = (
     STEPS["shared-prefix-cache"][0] + ["--disable-radix-cache"],
     "output_throughput",

@@ -1,4 +1,5 @@
-"""GPU vs CPU on the same random weights (SmolLM2 shape): greedy tokens in float32, logits in bfloat16.
+"""GPU vs CPU on the same random weights (SmolLM2 shape): greedy tokens in float32 (also with cascade
+attention over a shared prefix on the GPU), logits in bfloat16.
 
 Run on a CUDA machine: python benchmarks/gpu_correctness.py [--batch 32] [--tokens 16] [--out FILE]
 """
@@ -19,10 +20,10 @@ from sgl_compile.runtime.launch import EngineArgs, load_program
 MODEL = "dummy:smollm2-135m"
 
 
-def greedy(device: str, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+def greedy(device: str, prompts: list[list[int]], tokens: int, **options) -> list[list[int]]:
     params = {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}
     with Engine(
-        model=MODEL, dtype="float32", device=device, max_total_tokens=32768, context_length=2048
+        model=MODEL, dtype="float32", device=device, max_total_tokens=32768, context_length=2048, **options
     ) as e:
         return [o["output_ids"] for o in e.generate(input_ids=prompts, sampling_params=params)]
 
@@ -48,6 +49,10 @@ def main() -> None:
     same = sum(g == c for g, c in zip(gpu, cpu, strict=True))
     first_diff = [next((i for i, (a, b) in enumerate(zip(g, c, strict=True)) if a != b), None)
                   for g, c in zip(gpu, cpu, strict=True)]  # fmt: skip
+    shared = [rng.randrange(49152) for _ in range(600)]
+    grouped = [shared + [rng.randrange(49152) for _ in range(rng.randint(1, 60))] for _ in range(args.batch)]
+    cascade = greedy("cuda", grouped, args.tokens, enable_cascade_attention=True)
+    cascade_same = sum(g == c for g, c in zip(cascade, greedy("cpu", grouped, args.tokens), strict=True))
     ids = prompts[0][:128]
     ref = last_logits("float32", "cpu", ids)
     bf16 = last_logits("bfloat16", "cuda", ids)
@@ -55,6 +60,7 @@ def main() -> None:
     result = {
         "fp32_greedy_identical_requests": f"{same}/{len(prompts)}",
         "fp32_first_divergence": first_diff,
+        "fp32_cascade_greedy_identical_requests": f"{cascade_same}/{len(grouped)}",
         "fp32_logits_max_abs_diff": (fp32_gpu - ref).abs().max().item(),
         "bf16_logits_max_abs_diff": (bf16 - ref).abs().max().item(),
         "logits_max_abs": ref.abs().max().item(),

@@ -42,7 +42,8 @@ class CompileOptions:
 @dataclass
 class CompiledModel:
     """program(input_ids, positions, k_cache, v_cache, slot_mapping, qo_indptr, kv_indptr, kv_indices,
-    logits_indices) -> logits [len(logits_indices), vocab]; k/v caches are [layers, slots, kv_heads, head_dim]."""
+    cascade_indptr, shared_len, logits_indices) -> logits [len(logits_indices), vocab]; k/v caches are
+    [layers, slots, kv_heads, head_dim] (see `sglc::paged_attention` for the batch metadata)."""
 
     program: fx.GraphModule
     config: ModelConfig

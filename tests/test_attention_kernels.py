@@ -197,6 +197,126 @@ def test_direct_launchers_non_contiguous_q():
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
 
 
+def _cascade_batch(
+    seed: int,
+    groups: list[tuple[int, list[int]]],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype,
+    device: str = "cpu",
+    num_slots: int | None = None,
+) -> dict:
+    """Decode requests in groups: group g's members share its first `shared` slots, then have `own` keys
+    of their own (>= 1: the new token, last). cascade_indptr is padded with empty groups to B + 1."""
+    g = torch.Generator().manual_seed(seed)
+    num_slots = num_slots or sum(shared + sum(owns) for shared, owns in groups) + 5
+    perm = torch.randperm(num_slots, generator=g)
+    kv_indices, kv_lens, shared_len, slots, indptr, off = [], [], [], [], [0], 0
+    for shared, owns in groups:
+        head, off = perm[off : off + shared], off + shared
+        for own in owns:
+            mine, off = perm[off : off + own], off + own
+            kv_indices.append(torch.cat([head, mine]))
+            kv_lens.append(shared + own)
+            shared_len.append(shared)
+            slots.append(mine[-1:])
+        indptr.append(indptr[-1] + len(owns))
+    batch = len(kv_lens)
+    shape = (LAYERS, num_slots, num_kv_heads, head_dim)
+    num_q_heads = num_kv_heads * group
+    cascade = dict(
+        q=torch.randn(batch, num_q_heads, head_dim, generator=g).to(dtype),
+        k=torch.randn(batch, num_kv_heads, head_dim, generator=g).to(dtype),
+        v=torch.randn(batch, num_kv_heads, head_dim, generator=g).to(dtype),
+        k_cache=torch.randn(shape, generator=g).to(dtype),
+        v_cache=torch.randn(shape, generator=g).to(dtype),
+        layer=LAYER,
+        slot_mapping=torch.cat(slots),
+        qo_indptr=torch.arange(batch + 1),
+        kv_indptr=torch.tensor([0, *kv_lens]).cumsum(0),
+        kv_indices=torch.cat(kv_indices),
+        scale=head_dim**-0.5,
+        cascade_indptr=torch.tensor(indptr + [batch] * (batch + 1 - len(indptr))),
+        shared_len=torch.tensor(shared_len),
+    )
+    return {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in cascade.items()}
+
+
+def _check_cascade(batch: dict, configs: dict[str, dict] | None) -> None:
+    """The cascaded kernels vs the reference on the same batch (which also checks the groups' claim)."""
+    ref = {name: x.cpu().clone() if isinstance(x, torch.Tensor) else x for name, x in batch.items()}
+    expected = ops.paged_attention(**ref)
+    plain = attention.paged_attention(**dict(batch, cascade_indptr=None, shared_len=None))
+    if configs is None:
+        out = attention.paged_attention(**batch)
+    else:
+        get_config = attention.autotune.get_config
+
+        def forced(kernel: str, key: tuple, heuristic):  # the attention kernels only (not store_kv)
+            return configs[kernel] if kernel in configs else get_config(kernel, key, heuristic)
+
+        with mock.patch.object(attention.autotune, "get_config", forced):
+            out = attention.paged_attention(**batch)
+    tol = TOL[batch["q"].dtype]
+    torch.testing.assert_close(out.cpu(), expected, **tol)
+    torch.testing.assert_close(out, plain, **tol)
+
+
+cascade_groups = st.lists(
+    st.tuples(st.integers(0, 70), st.lists(st.integers(1, 30), min_size=1, max_size=5)),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    groups=cascade_groups,
+    heads=heads,
+    head_dim=head_dims,
+    dtype=dtypes,
+    splits=st.sampled_from([1, 2, 3]),
+    shared_splits=st.sampled_from([1, 2, 3]),
+    members=st.sampled_from([1, 2, 4]),
+    block_n=st.sampled_from([16, 32]),
+)
+def test_cascade_decode_matches_reference(
+    seed, groups, heads, head_dim, dtype, splits, shared_splits, members, block_n
+):
+    """Groups of 1-5 requests sharing 0-70 keys (tile and split edges crossed; MEMBERS smaller than a
+    group, so one group spans several programs), then 1-30 keys of their own."""
+    batch = _cascade_batch(seed, groups, *heads, head_dim, dtype)
+    configs = {
+        "decode_attention": {"BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 1},
+        "shared_prefix_attention": {"BLOCK_N": block_n, "MEMBERS": members, "num_splits": shared_splits,
+                                    "num_warps": 4, "num_stages": 1},
+    }  # fmt: skip
+    _check_cascade(batch, configs)
+
+
+def test_cascade_decode_heuristic_and_long_prefix():
+    """The heuristic's configs over a 700-key prefix shared by 12 requests and a singleton group."""
+    _check_cascade(
+        _cascade_batch(5, [(700, [3, 1, 9, 2, 5, 1, 1, 4, 2, 8, 1, 6]), (0, [40])], 2, 4, 64, torch.float16),
+        None,
+    )
+
+
+def test_reference_refuses_groups_that_do_not_share_their_prefix():
+    batch = _cascade_batch(6, [(20, [2, 3])], 1, 2, 16, torch.float32)
+    batch["kv_indices"][batch["kv_indptr"][1] + 4] += 0  # (no change: accepted)
+    ops.paged_attention(**{n: x.clone() if isinstance(x, torch.Tensor) else x for n, x in batch.items()})
+    swapped = batch["kv_indices"].clone()
+    start = int(batch["kv_indptr"][1])
+    swapped[start], swapped[start + 1] = batch["kv_indices"][start + 1], batch["kv_indices"][start]
+    with pytest.raises(ValueError, match="request 1 does not share the first 20 KV slots"):
+        ops.paged_attention(**dict(batch, kv_indices=swapped))
+    with pytest.raises(ValueError, match="does not cover"):
+        ops.paged_attention(**dict(batch, cascade_indptr=torch.tensor([0, 1, 1])))
+
+
 def test_keys_and_config_space():
     assert attention.decode_attention_key(5, 32, 8, 128, torch.bfloat16) == (32, 8, 128, "bfloat16", 8)
     assert attention.extend_attention_key(4096, 2, 32, 8, 128, torch.float16)[-1] == 1024
@@ -245,6 +365,39 @@ def test_gpu_cuda_graph_replay(decode):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         attention.paged_attention(**first)  # compile and tune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.paged_attention(**first)
+    for name, x in second.items():
+        if isinstance(x, torch.Tensor):
+            first[name].copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.cpu(), expected, **TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_cascade_decode(dtype):
+    """The heuristics' configs: 64 requests in 4 groups over 2048 shared keys, GQA 4, and a graph
+    captured on one grouping replayed on another of the same shapes."""
+    groups = [(2048, [1 + (7 * i) % 130 for i in range(16)]) for _ in range(4)]
+    _check_cascade(_cascade_batch(0, groups, 8, 4, 64, dtype, device="cuda"), None)
+    owns = [n for _, o in groups for n in o][::-1]
+    other = [(2048, owns[:40]), (2048, owns[40:])]  # the same batch and key count, grouped 40 + 24
+    slots = 4 * 2048 + sum(owns) + 5
+    first = _cascade_batch(1, groups, 8, 4, 64, torch.bfloat16, device="cuda", num_slots=slots)
+    second = _cascade_batch(2, other, 8, 4, 64, torch.bfloat16, device="cuda", num_slots=slots)
+    assert first["kv_indices"].shape == second["kv_indices"].shape
+    expected = ops.paged_attention(
+        **{n: x.cpu() if isinstance(x, torch.Tensor) else x for n, x in second.items()}
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        attention.paged_attention(**first)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

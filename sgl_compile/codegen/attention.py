@@ -7,6 +7,11 @@ through `kv_indices`. Two kernels, chosen by shape alone (no host sync, CUDA-gra
   split) and processes all query heads of that KV head together, padded to >= 16 rows for
   `tl.dot`; each K/V tile is read once per group. Split-K over the request's keys fills the
   GPU at small batch; a second kernel merges the splits' partial outputs by log-sum-exp.
+- cascade decode (groups of requests sharing a prefix, named by the runtime): a third kernel
+  reads each group's shared keys once for all its members' queries (MEMBERS requests x the
+  GROUP query heads of one KV head per program, as rows of one `tl.dot`) and writes partials
+  next to the decode kernel's, which then covers only each request's own keys; the merge
+  combines both. The shared keys' reads drop from one per request to one per MEMBERS requests.
 - extend (prefill over a cached prefix): flash-attention online softmax over BLOCK_M query
   rows x BLOCK_N key tiles; key tiles below the tile's causal frontier run without masks. The
   grid is (Hq, a shape-only bound on the batch's query tiles); each program finds its (request,
@@ -40,6 +45,14 @@ CONFIG_SPACE: dict[str, list[Config]] = {
         {"BLOCK_N": bn, "num_splits": s, "num_warps": w, "num_stages": st}
         for bn in (32, 64, 128)
         for s in (1, 2, 4, 8, 16, 32)
+        for w in (4, 8)
+        for st in (1, 2, 3)
+    ],
+    "shared_prefix_attention": [
+        {"BLOCK_N": bn, "MEMBERS": m, "num_splits": s, "num_warps": w, "num_stages": st}
+        for bn in (32, 64)
+        for m in (4, 8, 16)
+        for s in (1, 2, 4, 8, 16)
         for w in (4, 8)
         for st in (1, 2, 3)
     ],
@@ -126,6 +139,7 @@ def _decode_split_kernel(
     MidLse,
     KvIndptr,
     KvIndices,
+    SharedLen,
     sm_scale_log2,
     stride_qb,
     stride_qh,
@@ -147,6 +161,8 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SKIP_SHARED: tl.constexpr,  # cascade: keys below SharedLen[b] are the shared-prefix kernel's
+    STORE_OUT: tl.constexpr,  # a single split and no other partials: write the output directly
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -160,9 +176,12 @@ def _decode_split_kernel(
 
     kv_start = tl.load(KvIndptr + b)
     kv_len = tl.load(KvIndptr + b + 1) - kv_start
+    first = 0
+    if SKIP_SHARED:
+        first = tl.load(SharedLen + b).to(tl.int32)
     # Chunks are whole BLOCK_N tiles so only a request's last tile is partial.
-    chunk = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    chunk = tl.cdiv(tl.cdiv(kv_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
     hi = tl.minimum(lo + chunk, kv_len)
 
     q = tl.load(
@@ -193,7 +212,7 @@ def _decode_split_kernel(
     nonempty = l_i > 0  # false for an empty split (and an empty request): output 0, lse -inf
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     out_mask = h_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if STORE_OUT:
         tl.store(
             Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
             o.to(Out.dtype.element_ty),
@@ -260,8 +279,14 @@ def decode_attention(
     kv_indices: Tensor,
     scale: float,
     config: Config | None = None,
+    cascade_indptr: Tensor | None = None,
+    shared_len: Tensor | None = None,
+    shared_config: Config | None = None,
 ) -> Tensor:
-    """One query per request: q [B, Hq, D] over request b's slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]."""
+    """One query per request: q [B, Hq, D] over request b's slots kv_indices[kv_indptr[b]:kv_indptr[b+1]].
+
+    With `cascade_indptr` / `shared_len` (see `sglc::paged_attention`), each group's shared keys are
+    read once by the shared-prefix kernel and the decode kernel covers the rest."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -271,15 +296,25 @@ def decode_attention(
             decode_attention_key(batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype),
             decode_attention_heuristic(batch, num_kv_heads, head_dim, k_cache.dtype),
         )
+    cascade = cascade_indptr is not None and cascade_indptr.numel() > 0
+    if cascade and shared_config is None:
+        shared_config = autotune.get_config(
+            "shared_prefix_attention",
+            shared_prefix_key(batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype),
+            shared_prefix_heuristic(batch, num_kv_heads, group),
+        )
     q = q if q.stride(-1) == 1 else q.contiguous()
     k, v = _layer_view(k_cache, layer), _layer_view(v_cache, layer)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     splits, block_d = config["num_splits"], _block_d(head_dim)
     if batch == 0:
         return out
-    # Scratch sized from shapes only (graph-capturable); unused when there is a single split.
-    mid_o = torch.empty((batch, num_q_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, num_q_heads, splits), dtype=torch.float32, device=q.device)
+    # Scratch sized from shapes only (graph-capturable); unused when there is a single split and no
+    # shared-prefix partials.
+    parts = splits + (shared_config["num_splits"] if cascade else 0)
+    mid_o = torch.empty((batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((batch, num_q_heads, parts), dtype=torch.float32, device=q.device)
+    shared_len = shared_len if cascade else kv_indptr  # (unread without cascade)
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q,
         k,
@@ -289,6 +324,7 @@ def decode_attention(
         mid_lse,
         kv_indptr,
         kv_indices,
+        shared_len,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -310,28 +346,228 @@ def decode_attention(
         BLOCK_N=config["BLOCK_N"],
         BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(k.dtype),
+        SKIP_SHARED=cascade,
+        STORE_OUT=splits == 1 and not cascade,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
-    if splits > 1:
-        _decode_merge_kernel[(batch, num_q_heads)](
-            mid_o,
-            mid_lse,
-            out,
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=splits,
-            BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=block_d,
-            num_warps=4 if block_d * splits <= 4096 else 8,
-        )
+    if cascade:
+        _shared_prefix(q, k, v, mid_o, mid_lse, kv_indptr, kv_indices, cascade_indptr, shared_len, scale,
+                       splits, shared_config)  # fmt: skip
+    if mid_o.shape[2] > 1 or cascade:
+        _merge(mid_o, mid_lse, out)
     return out
+
+
+def _merge(mid_o: Tensor, mid_lse: Tensor, out: Tensor) -> None:
+    batch, num_q_heads, parts, head_dim = mid_o.shape
+    block_d = _block_d(head_dim)
+    _decode_merge_kernel[(batch, num_q_heads)](
+        mid_o,
+        mid_lse,
+        out,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=parts,
+        BLOCK_S=triton.next_power_of_2(parts),
+        BLOCK_D=block_d,
+        num_warps=4 if block_d * parts <= 4096 else 8,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cascade: a group's shared prefix read once for MEMBERS requests x GROUP heads per program.
+# ---------------------------------------------------------------------------------------------
+
+
+def shared_prefix_key(
+    batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple:
+    return (num_q_heads, num_kv_heads, head_dim, _dtype_name(dtype), _pow2_bucket(batch))
+
+
+def shared_prefix_heuristic(batch: int, num_kv_heads: int, group: int) -> Callable[[], Config]:
+    def heuristic() -> Config:
+        # Rows of one dot: MEMBERS requests x the KV head's query heads (padded to a power of two),
+        # 64 rows. The groups are not known on the host: assume the batch is one group and split its
+        # shared keys for about 2 programs per SM (untuned; `sglc tune` does not time it yet).
+        members = max(1, 64 // triton.next_power_of_2(group))
+        programs = triton.cdiv(batch, members) * num_kv_heads
+        splits = min(16, _pow2_floor(max(1, 2 * _num_sms() // programs)))
+        return {"BLOCK_N": 64, "MEMBERS": members, "num_splits": splits, "num_warps": 4, "num_stages": 2}
+
+    return heuristic
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    Q,
+    K,
+    V,
+    MidO,
+    MidLse,
+    KvIndptr,
+    KvIndices,
+    CascadeIndptr,
+    SharedLen,
+    sm_scale_log2,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    num_reqs,
+    SPLIT_BASE: tl.constexpr,  # this kernel's partials follow the decode kernel's
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    MEMBERS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # MEMBERS * BLOCK_H
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    # This program's (group, tile of MEMBERS requests) among all groups' tiles, counted in-kernel.
+    offs_g = tl.arange(0, BLOCK_B)
+    g_mask = offs_g < num_reqs
+    starts = tl.load(CascadeIndptr + offs_g, mask=g_mask, other=0)
+    sizes = tl.load(CascadeIndptr + offs_g + 1, mask=g_mask, other=0) - starts
+    tiles = tl.cdiv(sizes, MEMBERS)
+    ends = tl.cumsum(tiles, 0)
+    if pid >= tl.max(ends, 0):  # the grid bounds the tile count from shapes; the rest exit
+        return
+    g = tl.sum((ends <= pid).to(tl.int32), 0)
+    mine = offs_g == g
+    g_start = tl.sum(tl.where(mine, starts, 0), 0)
+    g_end = g_start + tl.sum(tl.where(mine, sizes, 0), 0)
+    first = g_start + (pid - tl.sum(tl.where(mine, ends - tiles, 0), 0)) * MEMBERS
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    reqs = first + offs_m // BLOCK_H
+    heads = kvh * GROUP + offs_m % BLOCK_H
+    row_mask = (reqs < g_end) & (offs_m % BLOCK_H < GROUP)
+    d_mask = offs_d < HEAD_DIM
+
+    shared = tl.load(SharedLen + g_start)
+    kv_start = tl.load(KvIndptr + g_start)  # the shared slots: the group's first request's first ones
+    chunk = tl.cdiv(tl.cdiv(shared, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, shared)
+
+    q = tl.load(
+        Q + reqs[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0,
+    ).to(K.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_mask = n < hi
+        slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0  # false for a split past the shared keys (and a group sharing none)
+    if lo < hi:
+        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        tl.store(
+            MidO + reqs[:, None] * stride_mb + heads[:, None] * stride_mh + (SPLIT_BASE + split) * stride_ms
+            + offs_d[None, :],
+            o,
+            mask=row_mask[:, None] & d_mask[None, :],
+        )  # fmt: skip
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(MidLse + reqs * stride_lb + heads * stride_lh + SPLIT_BASE + split, lse, mask=row_mask)
+
+
+def _shared_prefix(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mid_o: Tensor,
+    mid_lse: Tensor,
+    kv_indptr: Tensor,
+    kv_indices: Tensor,
+    cascade_indptr: Tensor,
+    shared_len: Tensor,
+    scale: float,
+    split_base: int,
+    config: Config,
+) -> None:
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    block_h = triton.next_power_of_2(group)
+    members = config["MEMBERS"]
+    # sum_g cdiv(n_g, MEMBERS) <= cdiv(B, MEMBERS) + B - 1 (at most B groups): a bound from shapes.
+    grid = (triton.cdiv(batch, members) + batch - 1, num_kv_heads, config["num_splits"])
+    _shared_prefix_kernel[grid](
+        q,
+        k,
+        v,
+        mid_o,
+        mid_lse,
+        kv_indptr,
+        kv_indices,
+        cascade_indptr,
+        shared_len,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        batch,
+        SPLIT_BASE=split_base,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=config["num_splits"],
+        MEMBERS=members,
+        BLOCK_H=block_h,
+        BLOCK_M=max(16, members * block_h),
+        BLOCK_N=config["BLOCK_N"],
+        BLOCK_D=_block_d(head_dim),
+        BLOCK_B=triton.next_power_of_2(batch),
+        DOT_PRECISION=_dot_precision(k.dtype),
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,11 +819,17 @@ def paged_attention(
     kv_indptr: Tensor,
     kv_indices: Tensor,
     scale: float,
+    cascade_indptr: Tensor | None = None,
+    shared_len: Tensor | None = None,
 ) -> Tensor:
-    """`sglc::paged_attention` on CUDA: store the new k/v, then decode or extend by shape."""
+    """`sglc::paged_attention` on CUDA: store the new k/v, then decode (cascaded when the batch names
+    shared-prefix groups) or extend, by shape."""
     if k is not None and v is not None:
         store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
     # Every scheduled request has >= 1 query, so as many rows as requests means one query each.
     if q.shape[0] == qo_indptr.shape[0] - 1:
-        return decode_attention(q, k_cache, v_cache, layer, kv_indptr, kv_indices, scale)
+        return decode_attention(
+            q, k_cache, v_cache, layer, kv_indptr, kv_indices, scale,
+            cascade_indptr=cascade_indptr, shared_len=shared_len,
+        )  # fmt: skip
     return extend_attention(q, k_cache, v_cache, layer, qo_indptr, kv_indptr, kv_indices, scale)

@@ -154,6 +154,8 @@ def paged_attention(
     kv_indptr: Tensor,
     kv_indices: Tensor,
     scale: float,
+    cascade_indptr: Tensor | None = None,
+    shared_len: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of a ragged batch over a paged KV cache; what `attention` is lowered to.
 
@@ -162,9 +164,16 @@ def paged_attention(
     `qo_indptr[b]:qo_indptr[b+1]` and KV slots `kv_indices[kv_indptr[b]:kv_indptr[b+1]]` in
     position order, its new tokens last, so query i of n attends to the first (n_kv - n + i + 1).
     k = v = None when `rope_store_kv` already wrote them.
+
+    A decode batch may name groups of requests that share a prefix (cascade attention): requests
+    `cascade_indptr[g]:cascade_indptr[g+1]` (consecutive; [B + 1], trailing groups empty) have the
+    same first `shared_len[b]` [B] KV slots, so a kernel may read them once for the whole group. The
+    result is the same; empty tensors (or None) name no groups. This reference checks the claim.
     """
     if k is not None and v is not None:
         store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
+    if cascade_indptr is not None and cascade_indptr.numel() > 0:
+        _check_cascade(cascade_indptr, shared_len, kv_indptr, kv_indices)
     out = torch.empty_like(q)
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
@@ -188,8 +197,27 @@ def _attend_prefix(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype)
 
 
+def _check_cascade(cascade_indptr: Tensor, shared_len: Tensor, kv_indptr: Tensor, kv_indices: Tensor) -> None:
+    groups, shared, kvp = cascade_indptr.tolist(), shared_len.tolist(), kv_indptr.tolist()
+    if groups[0] != 0 or groups != sorted(groups) or groups[-1] != len(kvp) - 1:
+        raise ValueError(f"cascade_indptr {groups} does not cover the batch's {len(kvp) - 1} requests")
+    for first, end in zip(groups, groups[1:], strict=False):
+        n = shared[first] if end > first else 0
+        head = kv_indices[kvp[first] : kvp[first] + n]
+        for b in range(first, end):
+            if (
+                shared[b] != n
+                or n > kvp[b + 1] - kvp[b] - 1
+                or not torch.equal(kv_indices[kvp[b] : kvp[b] + n], head)
+            ):
+                raise ValueError(f"request {b} does not share the first {n} KV slots of its group")
+
+
 @paged_attention.register_fake
-def _(q, k, v, k_cache, v_cache, layer, slot_mapping, qo_indptr, kv_indptr, kv_indices, scale) -> Tensor:
+def _(
+    q, k, v, k_cache, v_cache, layer, slot_mapping, qo_indptr, kv_indptr, kv_indices, scale,
+    cascade_indptr=None, shared_len=None,
+) -> Tensor:  # fmt: skip
     return torch.empty_like(q)
 
 

@@ -1,8 +1,9 @@
 """Attention lowering: abstract causal `sglc::attention` -> `sglc::paged_attention` over the KV pool.
 
 The lowered program gains the runtime's inputs: the stacked KV caches and the
-batch metadata (slot mapping, ragged query / KV index pointers). Layer ids are
-the order of attention nodes in the graph.
+batch metadata (slot mapping, ragged query / KV index pointers, and the groups
+of decode requests sharing a prefix, empty when the runtime forms none). Layer
+ids are the order of attention nodes in the graph.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from torch import fx
 
 from sgl_compile.ir.capture import add_input
 
-BATCH_INPUTS = ("k_cache", "v_cache", "slot_mapping", "qo_indptr", "kv_indptr", "kv_indices")
+BATCH_INPUTS = (
+    "k_cache", "v_cache", "slot_mapping", "qo_indptr", "kv_indptr", "kv_indices", "cascade_indptr", "shared_len",
+)  # fmt: skip
 
 
 def prefill_inputs(
@@ -36,6 +39,7 @@ def prefill_inputs(
         "logits_indices": slots if all_logits else indptr[1:] - 1,
         "k_cache": cache, "v_cache": cache.clone(), "slot_mapping": slots,
         "qo_indptr": indptr, "kv_indptr": indptr, "kv_indices": slots,
+        "cascade_indptr": slots[:0], "shared_len": slots[:0],
     }  # fmt: skip
 
 
@@ -52,7 +56,8 @@ def lower_attention(gm: fx.GraphModule) -> dict[str, int]:
             lowered = gm.graph.call_function(
                 torch.ops.sglc.paged_attention.default,
                 (q, k, v, inputs["k_cache"], inputs["v_cache"], layer, inputs["slot_mapping"],
-                 inputs["qo_indptr"], inputs["kv_indptr"], inputs["kv_indices"], scale),
+                 inputs["qo_indptr"], inputs["kv_indptr"], inputs["kv_indices"], scale,
+                 inputs["cascade_indptr"], inputs["shared_len"]),
             )  # fmt: skip
         lowered.meta.update(node.meta)
         node.replace_all_uses_with(lowered)

@@ -46,6 +46,10 @@ class DecodeGraphs:
         self.kv_indices = torch.zeros(self.max_kv, **i64)  # padding rows read slot 0: harmless
         self.logits_indices = torch.arange(self.max_bs, **i64)
         self.one_to_max = torch.arange(1, self.max_bs + 1, **i64)  # padding rows' kv_indptr steps
+        # Cascade: every row its own group unless the batch says otherwise (padding rows stay alone).
+        self.arange = torch.arange(self.max_bs + 1, **i64)
+        self.cascade_indptr = self.arange.clone() if runner.cascade else runner._empty
+        self.shared_len = torch.zeros(self.max_bs, **i64) if runner.cascade else runner._empty
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
         self.pool = None
@@ -59,6 +63,8 @@ class DecodeGraphs:
             "qo_indptr": self.qo_indptr[: bs + 1],
             "kv_indptr": self.kv_indptr[: bs + 1],
             "kv_indices": self.kv_indices,
+            "cascade_indptr": self.cascade_indptr[: bs + 1] if self.runner.cascade else self.cascade_indptr,
+            "shared_len": self.shared_len[:bs] if self.runner.cascade else self.shared_len,
             "logits_indices": self.logits_indices[:bs],
         }
 
@@ -99,5 +105,10 @@ class DecodeGraphs:
         torch.add(self.one_to_max[: bs - b], n_kv, out=self.kv_indptr[b + 1 : bs + 1])
         self.kv_indices[:n_kv].copy_(fb.kv_indices)
         self.kv_indices[n_kv : n_kv + bs - b].zero_()
+        if self.runner.cascade:
+            self.cascade_indptr[: b + 1].copy_(fb.cascade_indptr)
+            self.cascade_indptr[b + 1 : bs + 1].copy_(self.arange[b + 1 : bs + 1])
+            self.shared_len[:b].copy_(fb.shared_len)
+            self.shared_len[b:bs].zero_()
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

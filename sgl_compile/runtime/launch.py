@@ -48,6 +48,7 @@ class EngineArgs:
     jump_forward: str = "auto"  # structured outputs: on | off | auto (see jump_forward_enabled)
     enable_mixed_chunk: bool = False  # decode joins the steps that extend other requests
     schedule_conservativeness: float = 1.0  # scales the KV admission reserves for output to come
+    enable_cascade_attention: bool = False  # decode reads a prefix shared by several requests once
 
 
 @dataclass
@@ -162,6 +163,7 @@ def launch(args: EngineArgs) -> Launched:
             jump_forward=jump_forward_enabled(args, compiled.device),
             enable_mixed_chunk=args.enable_mixed_chunk,
             schedule_conservativeness=args.schedule_conservativeness,
+            enable_cascade_attention=args.enable_cascade_attention,
         ),
     )
     mib = 2 * scheduler.kv.k.nbytes / (1 << 20)

@@ -7,6 +7,11 @@ queries over each request's slots in the request-to-token table).
 On CUDA, decode batches replay a CUDA graph captured per batch-size bucket
 (`cuda_graphs.py`); everything else runs eagerly.
 
+With cascade attention on, a decode batch names its groups of requests that
+share a cached prefix (consecutive in the batch; the scheduler forms them), so
+that attention reads each group's shared KV once; otherwise those inputs are
+empty.
+
 Tokens sampled by a step that is still running are not known on the host when
 the next step is built: the request holds a placeholder (-1 - i) and the input
 is read on the device from row i of the future-token buffer, which the sampler
@@ -35,6 +40,8 @@ class ForwardBatch:
     qo_indptr: Tensor
     kv_indptr: Tensor
     kv_indices: Tensor
+    cascade_indptr: Tensor  # [B + 1] group boundaries (trailing groups empty), or empty: no groups
+    shared_len: Tensor  # [B] KV slots each request shares with its group, or empty
     logits_indices: Tensor
 
     @property
@@ -53,6 +60,8 @@ class ScheduledReq:
     length: int  # positions computed this step
     new_slots: list[int]
     logit_positions: list[int]  # positions whose logits are returned (last one may be the sampling row)
+    # decode with cascade attention: (a key equal for the group's members, the KV slots they share)
+    shared: tuple[object, int] | None = None
 
     @property
     def samples(self) -> bool:
@@ -67,9 +76,12 @@ class ModelRunner:
         table: ReqToTokenPool,
         cuda_graph_max_bs: int = 256,
         disable_cuda_graph: bool = False,
+        cascade: bool = False,
     ) -> None:
         self.compiled, self.kv, self.table = compiled, kv, table
         self.device = compiled.device
+        self.cascade = cascade
+        self._empty = torch.empty(0, dtype=torch.int64, device=self.device)
         # Room for three steps of draws: one being built, one running, one being read back.
         self.future = torch.zeros(3 * table.table.shape[0] + 1, dtype=torch.int64, device=self.device)
         self._next_future = 0
@@ -107,10 +119,25 @@ class ModelRunner:
         rows = [s.req.row for s in batch]
         self.table.write_many(rows, [s.start for s in batch], [s.new_slots for s in batch])
         kv_indices = self.table.gather(rows, [s.start + s.length for s in batch])
+        groups, shared = self._empty, self._empty
+        if self.cascade and len(ids) == len(batch):
+            groups, shared = self._groups(batch)
         return ForwardBatch(
             input_ids, to_device(pos, dev), to_device(slots, dev), to_device(qo, dev), to_device(kvp, dev),
-            kv_indices, to_device(logit_rows, dev),
+            kv_indices, groups, shared, to_device(logit_rows, dev),
         )  # fmt: skip
+
+    def _groups(self, batch: list[ScheduledReq]) -> tuple[Tensor, Tensor]:
+        """cascade_indptr / shared_len of a decode batch: runs of equal keys are groups, the rest alone."""
+        indptr, shared = [0], []
+        for i, s in enumerate(batch):
+            if i and (
+                s.shared is None or batch[i - 1].shared is None or s.shared[0] is not batch[i - 1].shared[0]
+            ):
+                indptr.append(i)
+            shared.append(s.shared[1] if s.shared is not None else 0)
+        indptr += [len(batch)] * (len(batch) + 1 - len(indptr))
+        return to_device(indptr, self.device), to_device(shared, self.device)
 
     @torch.no_grad()
     def forward(self, fb: ForwardBatch) -> Tensor:

@@ -18,6 +18,12 @@ KV goes into the radix cache (unlocked, so it may be evicted), they wait at the
 head of the queue with the tokens generated so far, and the ratio goes back to
 1 (the estimate was too low).
 
+Cascade attention (--enable-cascade-attention): decode requests whose KV starts
+with the same cached prefix (a radix-tree node that two of them lock, at least
+CASCADE_MIN_SHARED tokens deep) are put next to each other in the batch and
+named a group, so attention reads that prefix once per group instead of once
+per request.
+
 Structured outputs (runtime/structured.py): a constrained request's draws are
 masked by its grammar, whose state must have seen every earlier token. A batch
 that samples such a request (or a penalized one, whose penalties read the
@@ -55,6 +61,7 @@ NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600  # pe
 # An estimated need counts at most this many tokens to come: requests without max_tokens get the whole
 # context as their limit, which would otherwise hold back admission for an output few of them reach.
 ESTIMATE_CLIP = 4096
+CASCADE_MIN_SHARED = 128  # shorter shared prefixes are not worth the extra kernel and merge
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class SchedulerConfig:
     # Scales the KV reserved at admission for the running requests' output to come: 0 reserves only
     # their next token (more requests run at once, more are retracted), > 1 is more cautious.
     schedule_conservativeness: float = 1.0
+    enable_cascade_attention: bool = False  # decode reads a prefix shared by several requests once
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in POLICIES:
@@ -141,8 +149,9 @@ class Scheduler:
         self.table = ReqToTokenPool(cfg.max_running_requests, columns, compiled.device)
         self.cache = RadixCache(self.kv.free, disabled=cfg.disable_radix_cache)
         self.runner = ModelRunner(
-            compiled, self.kv, self.table, cfg.cuda_graph_max_bs, cfg.disable_cuda_graph
-        )
+            compiled, self.kv, self.table, cfg.cuda_graph_max_bs, cfg.disable_cuda_graph,
+            cascade=cfg.enable_cascade_attention,
+        )  # fmt: skip
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted, in admission order
         self.prompt_tokens = 0
@@ -151,6 +160,7 @@ class Scheduler:
         self.num_retractions = 0
         self.forward_steps = 0
         self.jump_forward_tokens = 0
+        self.cascade_shared_tokens = 0  # KV reads (per layer) that cascade groups shared
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self._reserved = 0  # during _schedule_extend: KV the running requests still need
         self.grammars = Grammars(compiled.tokenizer, c.vocab_size, cfg.max_running_requests)
@@ -357,7 +367,42 @@ class Scheduler:
                 log.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)
                 self._retract(victim)
         slots = self.kv.alloc(len(reqs)) or []
-        return [ScheduledReq(r, r.kv_len, 1, [slot], [r.kv_len]) for r, slot in zip(reqs, slots, strict=True)]
+        batch = [
+            ScheduledReq(r, r.kv_len, 1, [slot], [r.kv_len]) for r, slot in zip(reqs, slots, strict=True)
+        ]
+        return self._cascade_groups(batch) if self.cfg.enable_cascade_attention else batch
+
+    def _cascade_groups(self, batch: list[ScheduledReq]) -> list[ScheduledReq]:
+        """Order a decode batch so that requests sharing a cached prefix are adjacent, and mark them."""
+        by_node: dict[int, list[ScheduledReq]] = {}
+        for s in batch:
+            found = self._shared_prefix(s.req)
+            by_node.setdefault(id(found[0]) if found else id(s), []).append(s)
+            s.shared = found
+        ordered = []
+        for members in by_node.values():
+            if len(members) == 1:
+                members[0].shared = None
+            else:
+                self.cascade_shared_tokens += members[0].shared[1] * (len(members) - 1)
+            ordered += members
+        return ordered
+
+    def _shared_prefix(self, req: Req) -> tuple[object, int] | None:
+        """(node, depth) of the deepest node of the request's cached prefix that another admitted request
+        also locks and that is at least CASCADE_MIN_SHARED tokens deep; its KV slots lead both rows."""
+        path, node = [], req.last_node
+        while node is not None and node is not self.cache.root:
+            path.append(node)
+            node = node.parent
+        found, depth = None, 0
+        for node in reversed(path):  # from the root down; lock_ref only falls with depth
+            depth += len(node.key)
+            if depth > req.prefix_len or node.lock_ref < 2:
+                break
+            if depth >= CASCADE_MIN_SHARED:
+                found = (node, depth)
+        return found
 
     # -- launch and finish -----------------------------------------------------------
     def _forward(self, batch: list[ScheduledReq]) -> _Forward:
@@ -596,6 +641,7 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "forward_steps": self.forward_steps,
             "jump_forward_tokens": self.jump_forward_tokens,
+            "cascade_shared_tokens": self.cascade_shared_tokens,
             "new_token_ratio": self.new_token_ratio,
             "num_grammar_reqs": self.grammars.live,
         }

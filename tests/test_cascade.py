@@ -1,0 +1,93 @@
+"""Cascade attention in the runtime: decode requests sharing a cached prefix are grouped, so that the
+prefix's KV is read once per group. On CPU the reference `sglc::paged_attention` checks every group's
+claim (same leading KV slots) at every layer of every step; the kernels are tested in
+test_attention_kernels.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from sgl_compile.driver import compile_model
+from sgl_compile.runtime.request import Req
+from sgl_compile.runtime.sampling_params import SamplingParams
+from sgl_compile.runtime.scheduler import CASCADE_MIN_SHARED, Scheduler, SchedulerConfig
+from tests import prompts
+
+QUESTIONS = ["What is it about?", "Who wrote it?", "Summarize it.", "Is it long?", "Name one word in it.",
+             "Translate the first line."]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compiled(smollm2_gguf):
+    return compile_model(model=str(smollm2_gguf))
+
+
+def _run(compiled, cascade: bool, overlap: bool = True) -> tuple[list[Req], Scheduler]:
+    cfg = SchedulerConfig(
+        max_total_tokens=4000, context_length=8192, chunked_prefill_size=512, overlap=overlap,
+        enable_cascade_attention=cascade,
+    )  # fmt: skip
+    sched = Scheduler(compiled, cfg)
+    tok = compiled.tokenizer
+    eos = frozenset(tok.eos_token_ids)
+    system = prompts.LONG[:1200]
+    texts = [system + "\n" + q for q in QUESTIONS] + ["Once upon a time"]  # one request shares nothing
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    reqs = [Req(f"r{i}", tok.encode(t), params, tok, eos) for i, t in enumerate(texts)]
+    assert len(tok.encode(system)) > CASCADE_MIN_SHARED
+    for r in reqs:
+        sched.add(r)
+    while sched.has_work():
+        sched.step()
+    sched.cache.flush()
+    sched.check_no_leaks()
+    return reqs, sched
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cascade_groups_shared_prefixes_and_keeps_the_outputs(compiled, overlap: bool) -> None:
+    plain, _ = _run(compiled, cascade=False, overlap=overlap)
+    cascaded, sched = _run(compiled, cascade=True, overlap=overlap)
+    assert [r.output_ids for r in cascaded] == [r.output_ids for r in plain]
+    # six requests decode over the shared system prompt: five of them read it through their group
+    assert sched.cascade_shared_tokens >= 5 * CASCADE_MIN_SHARED
+    assert sched.stats()["cascade_shared_tokens"] == sched.cascade_shared_tokens
+
+
+def test_groups_are_contiguous_and_name_shared_slots(compiled) -> None:
+    """The metadata decode batches carry: consecutive groups, each member's leading slots those of its
+    group's first member, the unshared request alone."""
+    cfg = SchedulerConfig(max_total_tokens=4000, context_length=8192, enable_cascade_attention=True)
+    sched = Scheduler(compiled, cfg)
+    tok = compiled.tokenizer
+    system = prompts.LONG[:1200]
+    texts = ["Once upon a time"] + [system + "\n" + q for q in QUESTIONS[:3]]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    reqs = [Req(f"r{i}", tok.encode(t), params, tok) for i, t in enumerate(texts)]
+    seen = []
+    build = sched.runner.build
+
+    def recording(batch):
+        fb = build(batch)
+        if len(batch) == 4 and fb.is_decode:
+            slots = [sched.table.slots(s.req.row, s.req.kv_len) for s in batch]
+            seen.append(
+                ([s.req.rid for s in batch], fb.cascade_indptr.tolist(), fb.shared_len.tolist(), slots)
+            )
+        return fb
+
+    sched.runner.build = recording
+    for r in reqs:
+        sched.add(r)
+    while sched.has_work():
+        sched.step()
+    assert len(seen) >= 6
+    for rids, indptr, shared, slots in seen:
+        assert len(indptr) == 5 and indptr[-1] == 4
+        groups = [(a, b) for a, b in zip(indptr, indptr[1:], strict=False) if b > a]
+        assert sorted(b - a for a, b in groups) == [1, 3]
+        a, b = next(g for g in groups if g[1] - g[0] == 3)
+        assert set(rids[a:b]) == {"r1", "r2", "r3"}
+        n = shared[a]
+        assert n >= CASCADE_MIN_SHARED and shared[a:b] == [n] * 3 and sum(shared) == 3 * n
+        assert slots[a][:n] == slots[a + 1][:n] == slots[a + 2][:n]
