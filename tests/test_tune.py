@@ -16,7 +16,7 @@ def test_tuned_configs_are_what_launchers_look_up(tmp_path) -> None:
     cases = list(tune.model_cases(cfg, torch.float32, torch.device("cpu"), [1], 16, 8, quantization="int4"))
     kernels = {c.kernel for c in cases}
     assert kernels == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_store_kv", "linear_w4a16",
-                       "decode_attention", "extend_attention"}  # fmt: skip
+                       "decode_attention", "shared_prefix_attention", "extend_attention"}  # fmt: skip
     calls = []
 
     def timer(fn) -> float:  # deterministic: the second candidate of every kernel "wins"

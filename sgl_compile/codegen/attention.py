@@ -396,7 +396,7 @@ def shared_prefix_heuristic(batch: int, num_kv_heads: int, group: int) -> Callab
     def heuristic() -> Config:
         # Rows of one dot: MEMBERS requests x the KV head's query heads (padded to a power of two),
         # 64 rows. The groups are not known on the host: assume the batch is one group and split its
-        # shared keys for about 2 programs per SM (untuned; `sglc tune` does not time it yet).
+        # shared keys for about 2 programs per SM (untuned on a GPU so far).
         members = max(1, 64 // triton.next_power_of_2(group))
         programs = triton.cdiv(batch, members) * num_kv_heads
         splits = min(16, _pow2_floor(max(1, 2 * _num_sms() // programs)))
@@ -464,7 +464,7 @@ def _shared_prefix_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     reqs = first + offs_m // BLOCK_H
     heads = kvh * GROUP + offs_m % BLOCK_H
-    row_mask = (reqs < g_end) & (offs_m % BLOCK_H < GROUP)
+    row_mask = (reqs < g_end) & (offs_m % BLOCK_H < GROUP) & (offs_m // BLOCK_H < MEMBERS)  # (BLOCK_M >= 16)
     d_mask = offs_d < HEAD_DIM
 
     shared = tl.load(SharedLen + g_start)

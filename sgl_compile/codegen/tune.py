@@ -111,6 +111,20 @@ def _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens) -
                 q, kc, vc, 0, p, i, d**-0.5, c),
             attention.CONFIG_SPACE["decode_attention"],
         )  # fmt: skip
+        # cascade: the batch as one group sharing `context` keys, one key of its own each
+        kc = randn(1, context + b, hkv, d)
+        vc = torch.randn_like(kc)
+        own = torch.arange(context, context + b, device=device)[:, None]
+        indices = torch.cat([torch.arange(context, device=device).expand(b, context), own], 1).flatten()
+        indptr = torch.arange(b + 1, device=device) * (context + 1)
+        groups = torch.tensor([0] + [b] * b, device=device)
+        shared = torch.full((b,), context, device=device)
+        yield TuneCase(
+            "shared_prefix_attention", attention.shared_prefix_key(b, hq, hkv, d, kc.dtype),
+            lambda c, q=q, kc=kc, vc=vc, p=indptr, i=indices, g=groups, s=shared: attention.decode_attention(
+                q, kc, vc, 0, p, i, d**-0.5, cascade_indptr=g, shared_len=s, shared_config=c),
+            attention.CONFIG_SPACE["shared_prefix_attention"],
+        )  # fmt: skip
     t = prefill_tokens
     kc = randn(1, t, hkv, d)
     vc, q = torch.randn_like(kc), randn(t, hq, d)
