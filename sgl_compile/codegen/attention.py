@@ -130,6 +130,63 @@ def decode_attention_heuristic(
 
 
 @triton.jit
+def _attend_split(
+    q,
+    K,
+    V,
+    KvIndices,
+    kv_start,
+    kvh,
+    first,
+    end,
+    split,
+    sm_scale_log2,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """q [ROWS, BLOCK_D] over split `split` of the keys first:end of kv_indices[kv_start:] (one KV head):
+    the split's normalized output, its log2-sum-exp (-inf when empty) and whether it holds any key."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    # Chunks are whole BLOCK_N tiles so only the range's last tile is partial.
+    chunk = tl.cdiv(tl.cdiv(end - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_mask = n < hi
+        slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # Every tile holds >= 1 valid key, so m_new is finite and padded rows stay finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    nonempty = l_i > 0  # false for an empty split (and an empty range): output 0, lse -inf
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    return o, lse, lo < hi
+
+
+@triton.jit
 def _decode_split_kernel(
     Q,
     K,
@@ -168,50 +225,23 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     offs_h = tl.arange(0, BLOCK_H)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kvh * GROUP + offs_h
     h_mask = offs_h < GROUP
-    d_mask = offs_d < HEAD_DIM
+    out_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     kv_start = tl.load(KvIndptr + b)
     kv_len = tl.load(KvIndptr + b + 1) - kv_start
     first = 0
     if SKIP_SHARED:
         first = tl.load(SharedLen + b).to(tl.int32)
-    # Chunks are whole BLOCK_N tiles so only a request's last tile is partial.
-    chunk = tl.cdiv(tl.cdiv(kv_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = first + split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
-
-    q = tl.load(
-        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :],
-        other=0,
-    ).to(K.dtype.element_ty)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_mask = n < hi
-        slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds >= 1 valid key, so m_new is finite and padded head rows stay finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    nonempty = l_i > 0  # false for an empty split (and an empty request): output 0, lse -inf
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    out_mask = h_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0).to(
+        K.dtype.element_ty
+    )
+    o, lse, any_keys = _attend_split(
+        q, K, V, KvIndices, kv_start, kvh, first, kv_len, split, sm_scale_log2,
+        stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
     if STORE_OUT:
         tl.store(
             Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -220,13 +250,12 @@ def _decode_split_kernel(
         )
     else:
         # Empty splits store only lse; the merge masks out their (unwritten) partials.
-        if lo < hi:
+        if any_keys:
             tl.store(
                 MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
                 o,
                 mask=out_mask,
             )
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 
@@ -460,53 +489,28 @@ def _shared_prefix_kernel(
     first = g_start + (pid - tl.sum(tl.where(mine, ends - tiles, 0), 0)) * MEMBERS
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     reqs = first + offs_m // BLOCK_H
     heads = kvh * GROUP + offs_m % BLOCK_H
     row_mask = (reqs < g_end) & (offs_m % BLOCK_H < GROUP) & (offs_m // BLOCK_H < MEMBERS)  # (BLOCK_M >= 16)
-    d_mask = offs_d < HEAD_DIM
+    out_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     shared = tl.load(SharedLen + g_start)
     kv_start = tl.load(KvIndptr + g_start)  # the shared slots: the group's first request's first ones
-    chunk = tl.cdiv(tl.cdiv(shared, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, shared)
-
     q = tl.load(
-        Q + reqs[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=row_mask[:, None] & d_mask[None, :],
-        other=0,
+        Q + reqs[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
     ).to(K.dtype.element_ty)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_mask = n < hi
-        slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    nonempty = l_i > 0  # false for a split past the shared keys (and a group sharing none)
-    if lo < hi:
-        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    o, lse, any_keys = _attend_split(
+        q, K, V, KvIndices, kv_start, kvh, 0, shared, split, sm_scale_log2,
+        stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_M, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D, DOT_PRECISION,
+    )  # fmt: skip
+    if any_keys:  # (a split past the shared keys, or a group sharing none, stores only lse)
         tl.store(
             MidO + reqs[:, None] * stride_mb + heads[:, None] * stride_mh + (SPLIT_BASE + split) * stride_ms
             + offs_d[None, :],
             o,
-            mask=row_mask[:, None] & d_mask[None, :],
+            mask=out_mask,
         )  # fmt: skip
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     tl.store(MidLse + reqs * stride_lb + heads * stride_lh + SPLIT_BASE + split, lse, mask=row_mask)
 
 
