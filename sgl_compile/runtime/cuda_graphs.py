@@ -47,8 +47,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(self.max_bs, **i64)
         self.one_to_max = torch.arange(1, self.max_bs + 1, **i64)  # padding rows' kv_indptr steps
         # Cascade: every row its own group unless the batch says otherwise (padding rows stay alone).
-        self.arange = torch.arange(self.max_bs + 1, **i64)
-        self.cascade_indptr = self.arange.clone() if runner.cascade else runner._empty
+        self.cascade_indptr = torch.arange(self.max_bs + 1, **i64) if runner.cascade else runner._empty
         self.shared_len = torch.zeros(self.max_bs, **i64) if runner.cascade else runner._empty
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
@@ -63,8 +62,8 @@ class DecodeGraphs:
             "qo_indptr": self.qo_indptr[: bs + 1],
             "kv_indptr": self.kv_indptr[: bs + 1],
             "kv_indices": self.kv_indices,
-            "cascade_indptr": self.cascade_indptr[: bs + 1] if self.runner.cascade else self.cascade_indptr,
-            "shared_len": self.shared_len[:bs] if self.runner.cascade else self.shared_len,
+            "cascade_indptr": self.cascade_indptr[: bs + 1],  # (empty without cascade)
+            "shared_len": self.shared_len[:bs],
             "logits_indices": self.logits_indices[:bs],
         }
 
@@ -107,7 +106,7 @@ class DecodeGraphs:
         self.kv_indices[n_kv : n_kv + bs - b].zero_()
         if self.runner.cascade:
             self.cascade_indptr[: b + 1].copy_(fb.cascade_indptr)
-            self.cascade_indptr[b + 1 : bs + 1].copy_(self.arange[b + 1 : bs + 1])
+            self.cascade_indptr[b + 1 : bs + 1].copy_(self.one_to_max[b:bs])
             self.shared_len[:b].copy_(fb.shared_len)
             self.shared_len[b:bs].zero_()
         self.graphs[bs].replay()

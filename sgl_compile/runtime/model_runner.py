@@ -129,13 +129,9 @@ class ModelRunner:
 
     def _groups(self, batch: list[ScheduledReq]) -> tuple[Tensor, Tensor]:
         """cascade_indptr / shared_len of a decode batch: runs of equal keys are groups, the rest alone."""
-        indptr, shared = [0], []
-        for i, s in enumerate(batch):
-            if i and (
-                s.shared is None or batch[i - 1].shared is None or s.shared[0] is not batch[i - 1].shared[0]
-            ):
-                indptr.append(i)
-            shared.append(s.shared[1] if s.shared is not None else 0)
+        keys = [s.shared[0] if s.shared is not None else s for s in batch]  # unshared: a key of its own
+        indptr = [0] + [i for i in range(1, len(batch)) if keys[i] is not keys[i - 1]]
+        shared = [s.shared[1] if s.shared is not None else 0 for s in batch]
         indptr += [len(batch)] * (len(batch) + 1 - len(indptr))
         return to_device(indptr, self.device), to_device(shared, self.device)
 
