@@ -15,6 +15,7 @@ from sgl_compile.runtime.scheduler import (
     Scheduler,
     SchedulerConfig,
 )
+from tests.scheduling import drain
 
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):",
            "The quick brown fox", "In the beginning", "Dear Sir or Madam,", "Ingredients: flour,"]  # fmt: skip
@@ -40,17 +41,10 @@ def _add(sched: Scheduler, params: SamplingParams, n: int = len(PROMPTS)) -> lis
     return reqs
 
 
-def _drain(sched: Scheduler) -> None:
-    while sched.has_work():
-        sched.step()
-    sched.cache.flush()
-    sched.check_no_leaks()
-
-
 def _abort_all(sched: Scheduler, reqs: list[Req]) -> None:
     for r in reqs:
         sched.abort(r.rid)
-    _drain(sched)
+    drain(sched)
 
 
 def test_admission_reserves_the_expected_output(compiled) -> None:
@@ -79,19 +73,19 @@ def test_requests_that_run_to_their_limit_are_never_retracted(compiled) -> None:
     params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
     roomy = _scheduler(compiled, 2000)
     want = _add(roomy, params, 6)
-    _drain(roomy)
+    drain(roomy)
 
     pool = 2 * (max(len(r.prompt_ids) for r in want) + 10)
     tight = _scheduler(compiled, pool)
     got = _add(tight, params, 6)
-    _drain(tight)
+    drain(tight)
     assert tight.num_retractions == 0
     assert [r.output_ids for r in got] == [r.output_ids for r in want]
     assert all(len(r.output_ids) == 10 and r.finish.kind == "length" for r in got)
 
     eager = _scheduler(compiled, pool, schedule_conservativeness=0.0)
     again = _add(eager, params, 6)
-    _drain(eager)
+    drain(eager)
     assert eager.num_retractions > 0
     assert [r.output_ids for r in again] == [r.output_ids for r in want]
     assert eager.new_token_ratio > INIT_NEW_TOKEN_RATIO  # 1 after the last retraction, decaying since
@@ -100,7 +94,7 @@ def test_requests_that_run_to_their_limit_are_never_retracted(compiled) -> None:
 def test_the_ratio_decays_per_decode_step(compiled) -> None:
     sched = _scheduler(compiled, 2000)
     _add(sched, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
-    _drain(sched)
+    drain(sched)
     decode_steps = sched.forward_steps - 1  # one extend step admitted all eight
     assert decode_steps >= 5
     assert sched.new_token_ratio == pytest.approx(INIT_NEW_TOKEN_RATIO - decode_steps * NEW_TOKEN_RATIO_DECAY)

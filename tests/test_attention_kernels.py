@@ -83,6 +83,20 @@ def _batch(
     return {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in batch.items()}
 
 
+def _run_forced(args: dict, configs: dict[str, dict] | None):
+    """attention.paged_attention(**args) with the attention kernels' launch configs forced to
+    `configs[kernel]` (other kernels, e.g. store_kv, and configs None: their own choice)."""
+    if configs is None:
+        return attention.paged_attention(**args)
+    get_config = attention.autotune.get_config
+
+    def forced(kernel: str, key: tuple, heuristic):
+        return configs[kernel] if kernel in configs else get_config(kernel, key, heuristic)
+
+    with mock.patch.object(attention.autotune, "get_config", forced):
+        return attention.paged_attention(**args)
+
+
 def _check(batch: dict, config: dict | None, store_new: bool = True) -> None:
     """paged_attention with `config` forced (None: the heuristic) vs the reference on cache copies."""
     args = dict(batch)
@@ -92,16 +106,7 @@ def _check(batch: dict, config: dict | None, store_new: bool = True) -> None:
     # The reference runs on CPU copies (on CUDA the op may already dispatch to these kernels).
     ref_args = {name: x.cpu().clone() if isinstance(x, torch.Tensor) else x for name, x in args.items()}
     expected = ops.paged_attention(**ref_args)
-    if config is None:
-        out = attention.paged_attention(**args)
-    else:
-        get_config = attention.autotune.get_config
-
-        def forced(kernel: str, key: tuple, heuristic):  # only the attention kernels (not store_kv)
-            return config if kernel in attention.CONFIG_SPACE else get_config(kernel, key, heuristic)
-
-        with mock.patch.object(attention.autotune, "get_config", forced):
-            out = attention.paged_attention(**args)
+    out = _run_forced(args, None if config is None else dict.fromkeys(attention.CONFIG_SPACE, config))
     rows = int(args["qo_indptr"][-1])  # rows past it are padding tokens, left unwritten
     assert out.dtype == args["q"].dtype and out.shape == args["q"].shape
     torch.testing.assert_close(out[:rows].cpu(), expected[:rows], **TOL[args["q"].dtype])
@@ -248,16 +253,7 @@ def _check_cascade(batch: dict, configs: dict[str, dict] | None) -> None:
     ref = {name: x.cpu().clone() if isinstance(x, torch.Tensor) else x for name, x in batch.items()}
     expected = ops.paged_attention(**ref)
     plain = attention.paged_attention(**dict(batch, cascade_indptr=None, shared_len=None))
-    if configs is None:
-        out = attention.paged_attention(**batch)
-    else:
-        get_config = attention.autotune.get_config
-
-        def forced(kernel: str, key: tuple, heuristic):  # the attention kernels only (not store_kv)
-            return configs[kernel] if kernel in configs else get_config(kernel, key, heuristic)
-
-        with mock.patch.object(attention.autotune, "get_config", forced):
-            out = attention.paged_attention(**batch)
+    out = _run_forced(batch, configs)
     tol = TOL[batch["q"].dtype]
     torch.testing.assert_close(out.cpu(), expected, **tol)
     torch.testing.assert_close(out, plain, **tol)
@@ -346,18 +342,9 @@ def test_gpu_heuristic_configs(dtype, heads, head_dim):
         _check(_batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, device="cuda"), None)
 
 
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("decode", [True, False])
-def test_gpu_cuda_graph_replay(decode):
-    """Captured once, replayed over another batch of the same shapes: no host data in the launches."""
-    if decode:
-        shapes = ([100, 50, 7], [1, 1, 1]), ([30, 120, 7], [1, 1, 1])
-    else:
-        shapes = ([60, 10], [20, 30]), ([0, 70], [40, 10])
-    first, second = (
-        _batch(s, p, n, 2, 4, 128, torch.bfloat16, device="cuda") for s, (p, n) in enumerate(shapes)
-    )
+def _check_graph_replay(first: dict, second: dict) -> None:
+    """Capture paged_attention on `first`, copy `second` (same shapes) into its inputs, replay: the
+    output must be the reference's on `second` (no host data in the launches)."""
     expected = ops.paged_attention(
         **{n: x.cpu() if isinstance(x, torch.Tensor) else x for n, x in second.items()}
     )
@@ -379,6 +366,21 @@ def test_gpu_cuda_graph_replay(decode):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("decode", [True, False])
+def test_gpu_cuda_graph_replay(decode):
+    """Captured once, replayed over another batch of the same shapes: no host data in the launches."""
+    if decode:
+        shapes = ([100, 50, 7], [1, 1, 1]), ([30, 120, 7], [1, 1, 1])
+    else:
+        shapes = ([60, 10], [20, 30]), ([0, 70], [40, 10])
+    first, second = (
+        _batch(s, p, n, 2, 4, 128, torch.bfloat16, device="cuda") for s, (p, n) in enumerate(shapes)
+    )
+    _check_graph_replay(first, second)
+
+
+@pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_cascade_decode(dtype):
     """The heuristics' configs: 64 requests in 4 groups over 2048 shared keys, GQA 4, and a graph
@@ -391,20 +393,4 @@ def test_gpu_cascade_decode(dtype):
     first = _cascade_batch(1, groups, 8, 4, 64, torch.bfloat16, device="cuda", num_slots=slots)
     second = _cascade_batch(2, other, 8, 4, 64, torch.bfloat16, device="cuda", num_slots=slots)
     assert first["kv_indices"].shape == second["kv_indices"].shape
-    expected = ops.paged_attention(
-        **{n: x.cpu() if isinstance(x, torch.Tensor) else x for n, x in second.items()}
-    )
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        attention.paged_attention(**first)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attention.paged_attention(**first)
-    for name, x in second.items():
-        if isinstance(x, torch.Tensor):
-            first[name].copy_(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out.cpu(), expected, **TOL[torch.bfloat16])
+    _check_graph_replay(first, second)

@@ -12,6 +12,7 @@ from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import CASCADE_MIN_SHARED, Scheduler, SchedulerConfig
 from tests import prompts
+from tests.scheduling import run_to_completion
 
 QUESTIONS = ["What is it about?", "Who wrote it?", "Summarize it.", "Is it long?", "Name one word in it.",
              "Translate the first line."]  # fmt: skip
@@ -35,12 +36,7 @@ def _run(compiled, cascade: bool, overlap: bool = True) -> tuple[list[Req], Sche
     params = SamplingParams(temperature=0, max_new_tokens=12)
     reqs = [Req(f"r{i}", tok.encode(t), params, tok, eos) for i, t in enumerate(texts)]
     assert len(tok.encode(system)) > CASCADE_MIN_SHARED
-    for r in reqs:
-        sched.add(r)
-    while sched.has_work():
-        sched.step()
-    sched.cache.flush()
-    sched.check_no_leaks()
+    run_to_completion(sched, reqs)
     return reqs, sched
 
 
@@ -77,10 +73,7 @@ def test_groups_are_contiguous_and_name_shared_slots(compiled) -> None:
         return fb
 
     sched.runner.build = recording
-    for r in reqs:
-        sched.add(r)
-    while sched.has_work():
-        sched.step()
+    run_to_completion(sched, reqs)
     assert len(seen) >= 6
     for rids, indptr, shared, slots in seen:
         assert len(indptr) == 5 and indptr[-1] == 4

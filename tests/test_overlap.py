@@ -14,6 +14,7 @@ from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 from tests import prompts
+from tests.scheduling import run_to_completion
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +55,7 @@ def _run(
     reqs = [
         Req(f"r{i}", ids, p, tok, frozenset(tok.eos_token_ids)) for i, (ids, p) in enumerate(_requests(tok))
     ]
-    for r in reqs:
-        sched.add(r)
-    while sched.has_work():
-        sched.step()
-    sched.cache.flush()
-    sched.check_no_leaks()
+    run_to_completion(sched, reqs)
     return reqs, sched
 
 

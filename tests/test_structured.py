@@ -22,6 +22,7 @@ from sgl_compile.runtime.engine import Engine
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
+from tests.scheduling import run_to_completion
 from tests.test_grammar import ARITHMETIC, REGEXES, SCHEMAS, _parse_arithmetic
 from tests.test_model_parity import ours_logits
 
@@ -179,12 +180,7 @@ def _run_scheduler(
         Req(f"r{i}", tok.encode(p), sp, tok, engine.eos_ids)
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
     ]
-    for r in reqs:
-        sched.add(r)
-    while sched.has_work():
-        sched.step()
-    sched.cache.flush()
-    sched.check_no_leaks()
+    run_to_completion(sched, reqs)
     return reqs, sched
 
 
