@@ -1,7 +1,9 @@
-"""The offline random workload through the scheduler, step by step: where the time of a whole run goes.
+"""An offline workload through the scheduler, step by step: where the time of a whole run goes.
 
     python benchmarks/step_timeline.py --model dummy:qwen3-0.6b --num-prompts 256 \
         --input-len 1024 --output-len 1024 --range-ratio 0.09765625 [--out FILE]
+    python benchmarks/step_timeline.py --model dummy:llama-3.2-1b --dataset generated-shared-prefix \
+        [--enable-cascade-attention | --disable-radix-cache]   # bar 4's workload (64 x 16, 2048 + 128, 256 out)
 
 Records each step's kind (extend / decode), requests, tokens and wall time (with overlap, a step's wall
 time is the device time of the step before it plus any host time not hidden), and the KV + weight bytes
@@ -17,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from sgl_compile.bench.datasets import random_dataset
+from sgl_compile.bench.datasets import random_dataset, shared_prefix_dataset
 from sgl_compile.runtime.launch import EngineArgs, launch
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
@@ -34,8 +36,11 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=1024)
     ap.add_argument("--range-ratio", type=float, default=0.09765625)
-    ap.add_argument("--chunked-prefill-size", type=int, default=2048)
+    ap.add_argument("--dataset", choices=("random", "generated-shared-prefix"), default="random")
+    ap.add_argument("--chunked-prefill-size", type=int, default=None)
     ap.add_argument("--disable-overlap-schedule", action="store_true")
+    ap.add_argument("--disable-radix-cache", action="store_true")
+    ap.add_argument("--enable-cascade-attention", action="store_true")
     ap.add_argument("--profile-steps", default=None, help="a:b: profile steps a..b-1 (kernels, host time)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -43,16 +48,20 @@ def main() -> None:
         EngineArgs(
             model=args.model, dtype=args.dtype, device=args.device, context_length=4096,
             chunked_prefill_size=args.chunked_prefill_size,
-            disable_overlap_schedule=args.disable_overlap_schedule,
+            disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
+            enable_cascade_attention=args.enable_cascade_attention,
         )
     )  # fmt: skip
     sched, compiled = launched.scheduler, launched.compiled
     c = compiled.config
     kv_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * compiled.dtype.itemsize
     weight_bytes = sum(t.numel() * t.element_size() for t in compiled.program.state_dict().values())
-    data = random_dataset(
-        compiled.tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio
-    )
+    if args.dataset == "random":
+        data = random_dataset(
+            compiled.tokenizer, args.num_prompts, args.input_len, args.output_len, args.range_ratio
+        )
+    else:
+        data = shared_prefix_dataset(compiled.tokenizer, 64, 16, 2048, 128, 256)
     for i, r in enumerate(data):
         params = SamplingParams(max_new_tokens=r.output_len, temperature=0, ignore_eos=True)
         sched.add(Req(str(i), r.input_ids, params, compiled.tokenizer))
@@ -117,6 +126,7 @@ def main() -> None:
         "total_s": total, "output_tok_per_s": out_tokens / total, "steps": len(log),
         "by_kind": {k: dict(v) for k, v in kinds.items()},
         "decode_by_batch (<= size)": {b: dict(v) for b, v in sorted(buckets.items())},
+        "scheduler": sched.stats(),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.out:

@@ -5,6 +5,7 @@ Layout of DIR:
   program.pt          the rewritten GraphModule, its tensors replaced by meta placeholders
   weights.safetensors the program's (merged, quantized) tensors, each stored once
   tuning.json         the tuned kernel configs for the device, used instead of the global cache
+  triton-cache/       compiled Triton kernels (when compiled on a GPU; see codegen.kernel_cache)
   tokenizer/          see tokenizer.serialize
 
 Loading checks the package and torch versions and the device against the manifest,
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import fx
 
 import sgl_compile
-from sgl_compile.codegen import autotune
+from sgl_compile.codegen import autotune, kernel_cache
 from sgl_compile.driver import CompiledModel, CompileOptions, prepare_device
 from sgl_compile.errors import SglcError
 from sgl_compile.models.config import ModelConfig, RopeScaling
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+KERNELS = "triton-cache"
 
 
 def _versions() -> dict[str, str]:
@@ -58,8 +60,8 @@ def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return dict(gm.state_dict(keep_vars=False))
 
 
-def save_artifact(compiled: CompiledModel, out: Path) -> Path:
-    """Write `compiled` to `out` (replaced if it exists)."""
+def save_artifact(compiled: CompiledModel, out: Path, kernels: Path | None = None) -> Path:
+    """Write `compiled` to `out` (replaced if it exists), with the Triton cache `kernels` if given."""
     start = time.perf_counter()
     if out.exists():
         if not (out / MANIFEST).exists():
@@ -92,6 +94,7 @@ def save_artifact(compiled: CompiledModel, out: Path) -> Path:
     }
     (out / "tuning.json").write_text(json.dumps(tuned, indent=1, sort_keys=True))
     save_tokenizer(compiled.tokenizer, out / "tokenizer")
+    num_kernels = kernel_cache.save(kernels, out / KERNELS) if kernels else 0
     manifest = {
         "format": FORMAT,
         "model": compiled.source,
@@ -103,10 +106,11 @@ def save_artifact(compiled: CompiledModel, out: Path) -> Path:
         "passes": [{"name": r.name, "counts": r.counts} for r in compiled.reports],
         "aliases": aliases,
         "weight_bytes": sum(t.nbytes for t in unique.values()),
+        "compiled_kernels": num_kernels,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    log.info("wrote artifact %s (%.1f MiB) in %.1fs", out, manifest["weight_bytes"] / 2**20,
-             time.perf_counter() - start)  # fmt: skip
+    log.info("wrote artifact %s (%.1f MiB, %d compiled kernels) in %.1fs", out, manifest["weight_bytes"] / 2**20,
+             num_kernels, time.perf_counter() - start)  # fmt: skip
     return out
 
 
@@ -172,6 +176,8 @@ def load_artifact(directory: Path | str) -> CompiledModel:
     for name, t in weights.items():
         _set_tensor(gm, name, t)
     autotune.use_cache_file(directory / "tuning.json")
+    if device.type == "cuda":
+        kernel_cache.install(directory / KERNELS)
     log.info("loaded artifact %s in %.1fs", directory, time.perf_counter() - start)
     reports = [PassReport(p["name"], p["counts"]) for p in manifest["passes"]]
     return CompiledModel(

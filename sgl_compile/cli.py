@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -84,22 +85,31 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> None:
+    import tempfile
 
+    from sgl_compile.codegen import kernel_cache
     from sgl_compile.driver import compile_model
     from sgl_compile.ir.printer import format_graph
-    from sgl_compile.runtime.launch import compile_options
+    from sgl_compile.runtime.launch import compile_options, warm_up
 
     def show(label: str, gm) -> None:
         print(f"==== {label} ====\n{format_graph(gm)}\n")
 
-    compiled = compile_model(compile_options(_engine_args(args)), observe=show if args.print_ir else None)
-    print("passes:")
-    for report in compiled.reports:
-        print(f"  {report}")
-    if args.out:
-        from sgl_compile.artifact import save_artifact
+    engine = _engine_args(args)
+    # On a GPU, the artifact ships the Triton kernels serving compiles first (see kernel_cache).
+    ship_kernels = args.out and engine.device.startswith("cuda") and not args.no_kernel_cache
+    with tempfile.TemporaryDirectory(prefix="sglc-kernels-") as tmp:
+        with kernel_cache.collecting(Path(tmp)) if ship_kernels else contextlib.nullcontext():
+            compiled = compile_model(compile_options(engine), observe=show if args.print_ir else None)
+            print("passes:")
+            for report in compiled.reports:
+                print(f"  {report}")
+            if ship_kernels:
+                warm_up(compiled, engine)
+        if args.out:
+            from sgl_compile.artifact import save_artifact
 
-        print(f"artifact: {save_artifact(compiled, Path(args.out))}")
+            print(f"artifact: {save_artifact(compiled, Path(args.out), Path(tmp) if ship_kernels else None)}")
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -326,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(p, compile_only=True)
     p.add_argument("--out", default=None, help="write the compiled program to this artifact directory")
     p.add_argument("--print-ir", action="store_true", help="print the graph before and after every pass")
+    p.add_argument(
+        "--no-kernel-cache", action="store_true",
+        help="on a GPU, do not run a warm-up to ship the compiled Triton kernels in the artifact",
+    )  # fmt: skip
     p.set_defaults(func=_compile)
     _add_bench(sub)
     p = sub.add_parser("tune", help="time kernel configs at a model's shapes on the GPU; keep the fastest")

@@ -5,8 +5,10 @@ Shared by the in-process `Engine` and the server's scheduler process.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from sgl_compile.ir.capture import input_names
 from sgl_compile.models.loading import DEFAULT_MODEL
 from sgl_compile.passes.lower_attention import prefill_inputs
 from sgl_compile.runtime.kv_pool import KVPool
+from sgl_compile.runtime.request import Req
+from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -142,8 +146,9 @@ def check_args(args: EngineArgs) -> None:
         validate(compile_options(args))
 
 
-def launch(args: EngineArgs) -> Launched:
-    compiled = load_program(args)
+def launch(args: EngineArgs, compiled: CompiledModel | None = None) -> Launched:
+    """Load (or take) the program, plan memory, build the scheduler (capturing CUDA graphs)."""
+    compiled = compiled or load_program(args)
     args = replace(args, chunked_prefill_size=chunk_size(args, compiled.device))
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -170,3 +175,23 @@ def launch(args: EngineArgs) -> Launched:
     log.info("KV pool: %d tokens (%.1f MiB), context length %d", slots, mib, context)
     eos = frozenset(cfg.eos_token_ids) | frozenset(compiled.tokenizer.eos_token_ids)
     return Launched(compiled, scheduler, context, eos)
+
+
+def warm_up(compiled: CompiledModel, args: EngineArgs) -> None:
+    """Run once what serving runs first, so that every kernel it launches is compiled: the memory
+    plan's forward, the CUDA-graph capture, then prefills without and with a cached prefix, decode
+    and retirement. `sglc compile` runs this on the GPU to fill the Triton cache its artifact ships."""
+    start = time.perf_counter()
+    launched = launch(args, compiled)
+    sched = launched.scheduler
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    prompt = [min(1000, compiled.config.vocab_size - 1)] * 300
+    for rid, ids in (("short", prompt[:8]), ("long", prompt), ("cached", prompt + prompt[:20])):
+        sched.add(Req(f"warm-up-{rid}", ids, params, compiled.tokenizer))
+        while sched.has_work():
+            sched.step()
+    del launched, sched
+    gc.collect()
+    if compiled.device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.info("warm-up ran in %.1fs", time.perf_counter() - start)

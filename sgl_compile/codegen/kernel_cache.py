@@ -1,0 +1,94 @@
+"""Compiled Triton kernels carried by an artifact, so that serving it compiles none at start-up.
+
+Triton compiles each kernel specialization on first launch (seconds each on a fresh machine: the
+memory plan's forward and the CUDA-graph capture of an 8B model took 18 of its 35 s start-up on
+the H100) and keeps the result in its cache directory, one entry (a directory named by the
+compilation's hash: binary, metadata, launcher module) per specialization. `sglc compile` on a GPU
+points that cache at an empty directory, runs what serving runs first, and ships the directory;
+loading the artifact copies the entries the local cache lacks. The hash covers the source, the
+options and the GPU target, so an entry made for another GPU or Triton is never used, only missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV = "TRITON_CACHE_DIR"
+
+
+def active_dir() -> Path:
+    """The directory Triton reads and writes compiled kernels in, now."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    import triton
+
+    return Path(triton.knobs.cache.dir)
+
+
+@contextmanager
+def collecting(directory: Path) -> Iterator[Path]:
+    """Within the block, Triton compiles into (and reads from) `directory` only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get(ENV)
+    os.environ[ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+# Triton writes each file under a temporary name (tmp.pid_...) and renames it; skip those.
+_SKIP = shutil.ignore_patterns("tmp.*", "lock")
+
+
+def entries(directory: Path) -> list[Path]:
+    """The cache's entries (skipping any half-installed one of ours)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("tmp."))
+
+
+def save(src: Path, dst: Path) -> int:
+    """Copy the entries of cache `src` to `dst`; the number copied."""
+    found = entries(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in found:
+        shutil.copytree(entry, dst / entry.name, ignore=_SKIP, dirs_exist_ok=True)
+    return len(found)
+
+
+def install(src: Path, dst: Path | None = None) -> int:
+    """Add the entries of `src` that `dst` (default: the active cache) lacks; the number added.
+
+    Each entry is copied under a private name and renamed into place, so a concurrent reader (another
+    server sharing the cache) never sees half an entry."""
+    dst = dst or active_dir()
+    dst.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    added = 0
+    for entry in entries(src):
+        target = dst / entry.name
+        if target.exists():
+            continue
+        partial = dst / f"tmp.sglc.{uuid.uuid4().hex}"
+        shutil.copytree(entry, partial, ignore=_SKIP)
+        try:
+            partial.rename(target)
+            added += 1
+        except OSError:  # another process installed it first
+            shutil.rmtree(partial, ignore_errors=True)
+    if added:
+        log.info("installed %d compiled kernels into %s in %.2fs", added, dst, time.perf_counter() - start)
+    return added

@@ -1,0 +1,85 @@
+"""Compiled Triton kernels shipped in artifacts: saved from a collecting cache, installed into the local
+cache without overwriting or exposing half-copied entries; on a GPU, serving an artifact compiled there
+compiles no kernel of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgl_compile.artifact import KERNELS, load_artifact, save_artifact
+from sgl_compile.codegen import kernel_cache
+from sgl_compile.driver import CompileOptions, compile_model
+from sgl_compile.runtime.launch import EngineArgs, warm_up
+
+
+def _entry(root: Path, name: str, payload: str) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "kernel.cubin").write_text(payload)
+    (d / "__grp__kernel.json").write_text("{}")
+    return d
+
+
+def test_collecting_points_triton_at_the_directory_and_restores(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(kernel_cache.ENV, str(tmp_path / "user"))
+    with kernel_cache.collecting(tmp_path / "fresh") as d:
+        assert kernel_cache.active_dir() == d == tmp_path / "fresh" and d.is_dir()
+    assert kernel_cache.active_dir() == tmp_path / "user"
+    monkeypatch.delenv(kernel_cache.ENV)
+    with kernel_cache.collecting(tmp_path / "fresh"):
+        pass
+    assert kernel_cache.ENV not in os.environ
+
+
+def test_save_skips_temporary_files_and_install_adds_only_missing_entries(tmp_path) -> None:
+    src = tmp_path / "collected"
+    _entry(src, "AAA", "a")
+    (_entry(src, "BBB", "b") / "tmp.pid_12_abc").write_text("half written")
+    shipped = tmp_path / "artifact" / KERNELS
+    assert kernel_cache.save(src, shipped) == 2
+    assert not (shipped / "BBB" / "tmp.pid_12_abc").exists()
+    local = tmp_path / "local"
+    _entry(local, "AAA", "already here")
+    assert kernel_cache.install(shipped, local) == 1
+    assert (local / "AAA" / "kernel.cubin").read_text() == "already here"  # never overwritten
+    assert (local / "BBB" / "kernel.cubin").read_text() == "b"
+    assert sorted(p.name for p in local.iterdir()) == ["AAA", "BBB"]  # no private copies left
+    assert kernel_cache.install(shipped, local) == 0
+    assert kernel_cache.install(tmp_path / "absent", local) == 0
+
+
+def test_artifact_carries_the_kernels_it_is_given(tmp_path) -> None:
+    compiled = compile_model(CompileOptions("dummy:smollm2-135m", "float32", "cpu"))
+    src = tmp_path / "collected"
+    _entry(src, "AAA", "a")
+    out = save_artifact(compiled, tmp_path / "art", src)
+    assert json.loads((out / "manifest.json").read_text())["compiled_kernels"] == 1
+    assert (out / KERNELS / "AAA" / "kernel.cubin").read_text() == "a"
+    load_artifact(out)  # a CPU artifact loads (nothing to install on the CPU)
+    warm_up(compiled, EngineArgs(model="dummy:smollm2-135m", max_total_tokens=2048))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_serving_a_compiled_artifact_compiles_no_kernel(tmp_path) -> None:
+    cli = [sys.executable, "-m", "sgl_compile.cli"]
+    art = tmp_path / "art"
+    env = {**os.environ, kernel_cache.ENV: str(tmp_path / "compile-cache")}
+    gpu = ["--device", "cuda", "--dtype", "bfloat16"]
+    subprocess.run(cli + ["compile", "--model", "dummy:smollm2-135m", *gpu, "--out", str(art)], env=env,
+                   check=True, timeout=900)  # fmt: skip
+    shipped = {p.name for p in kernel_cache.entries(art / KERNELS)}
+    assert shipped, "the warm-up compiled no kernel"
+    serve_cache = tmp_path / "serve-cache"
+    env[kernel_cache.ENV] = str(serve_cache)
+    r = subprocess.run(cli + ["generate", "--compiled", str(art), "--prompt", "Hello", "--max-new-tokens", "8"],
+                       env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name for p in kernel_cache.entries(serve_cache)} == shipped  # all installed, none compiled
