@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -97,8 +98,13 @@ def main() -> None:
             torch.cuda.synchronize()
             profiler.__exit__(None, None, None)
             averages = profiler.key_averages()
-            print(averages.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=50))
-            print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+            tables = "\n".join([
+                averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50),
+                averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50),
+            ])  # fmt: skip
+            print(tables)
+            if args.out:
+                Path(args.out).with_suffix(".profile.txt").write_text(tables)
             profiler = None
     if args.device == "cuda":
         torch.cuda.synchronize()
