@@ -71,17 +71,23 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    engine = _engine_args(args)
+    from sgl_compile.server.client import EngineClient
+
+    # The scheduler process loads the model (seconds) while this one imports the HTTP stack.
+    client = EngineClient(engine)
+    client.spawn()
     from sgl_compile.server.app import ServerArgs, serve
 
     server = ServerArgs(
-        _engine_args(args),
+        engine,
         args.host,
         args.port,
         args.api_key,
         args.served_model_name,
         args.max_queued_requests,
     )
-    return serve(server)
+    return serve(server, client)
 
 
 def _compile(args: argparse.Namespace) -> None:

@@ -66,7 +66,10 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body(message, param), status_code=400)
 
 
-def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> FastAPI:
+def create_app(
+    args: ServerArgs, exit_state: dict[str, Any] | None = None, engine_client: EngineClient | None = None
+) -> FastAPI:
+    """The app; its start-up waits for the scheduler process (`engine_client`'s, if already spawned)."""
     model = args.engine.model
     if args.engine.compiled:  # the artifact names its model and carries its tokenizer
         from sgl_compile.artifact import artifact_tokenizer
@@ -80,7 +83,8 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
         log.info("loading tokenizer for %s", model)
         tokenizer = artifact_tok if args.engine.compiled else open_checkpoint(model).tokenizer
         metrics = Metrics(lambda: holder["state"].client.stats)
-        client = EngineClient(args.engine, metrics.update)
+        client = engine_client or EngineClient(args.engine)
+        client.on_update = metrics.update
 
         def on_death() -> None:
             if exit_state is not None:
@@ -88,7 +92,7 @@ def create_app(args: ServerArgs, exit_state: dict[str, Any] | None = None) -> Fa
                 exit_state["server"].should_exit = True
 
         e = args.engine
-        log.info("starting the scheduler process (%s)",
+        log.info("waiting for the scheduler process (%s)",
                  f"artifact {e.compiled}" if e.compiled else f"model {model}, {e.dtype}, {e.device}")  # fmt: skip
         ready = await client.start(on_death)
         holder["state"] = ServerState(client, tokenizer, metrics, model, served, args.max_queued_requests)
@@ -247,10 +251,10 @@ async def _native_stream(s: ServerState, rid: str, prompts: list, params: list, 
     yield "data: [DONE]\n\n"
 
 
-def serve(args: ServerArgs) -> int:
+def serve(args: ServerArgs, engine_client: EngineClient | None = None) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or until the scheduler process dies (exit 1)."""
     exit_state: dict[str, Any] = {"code": 0}
-    app = create_app(args, exit_state)
+    app = create_app(args, exit_state, engine_client)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
     )

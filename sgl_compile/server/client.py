@@ -40,14 +40,12 @@ class EngineClient:
         self.args = args
         self.on_update = on_update  # metrics hook: (snapshot, arrival time)
         self._dir = tempfile.mkdtemp(prefix="sglc-ipc-")
-        self._ctx = zmq.asyncio.Context()
-        self._push = self._ctx.socket(zmq.PUSH)
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._push.bind(f"ipc://{self._dir}/in")
-        self._pull.bind(f"ipc://{self._dir}/out")
+        self._inbound, self._outbound = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._proc = mp.get_context("spawn").Process(
-            target=run_scheduler, args=(args, f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"), daemon=True
+            target=run_scheduler, args=(args, self._inbound, self._outbound), daemon=True
         )
+        self._spawned = False
+        self._ctx: zmq.asyncio.Context | None = None  # sockets are made inside the event loop (start)
         self._streams: dict[str, asyncio.Queue] = {}
         self._queries: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
@@ -56,8 +54,21 @@ class EngineClient:
         self.dead = False
         self._tasks: list[asyncio.Task] = []
 
+    def spawn(self) -> None:
+        """Start the scheduler process now, before the event loop runs: it loads the model while this
+        process goes on (importing the HTTP stack). Its sockets connect and wait until `start` binds."""
+        if not self._spawned:
+            self._proc.start()
+            self._spawned = True
+
     async def start(self, on_death: Callable[[], None]) -> Ready:
-        self._proc.start()
+        """Bind the sockets, spawn the process if `spawn` did not, and wait for its Ready."""
+        self._ctx = zmq.asyncio.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._push.bind(self._inbound)
+        self._pull.bind(self._outbound)
+        self.spawn()
         while True:
             if await self._pull.poll(200):
                 msg = await self._pull.recv_pyobj()
@@ -144,10 +155,11 @@ class EngineClient:
         self.dead = True
         for task in self._tasks:
             task.cancel()
-        if self._proc.is_alive():
+        if self._proc.is_alive() and self._ctx is not None:
             await self._push.send_pyobj(None)
             await asyncio.to_thread(self._proc.join, 10)
         if self._proc.is_alive():
             self._proc.terminate()
-        self._ctx.destroy(linger=0)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)
