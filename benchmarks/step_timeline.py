@@ -13,7 +13,10 @@ the decode steps must read (their floor at 3011 GB/s). Prints totals per kind an
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,6 +46,9 @@ def main() -> None:
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--enable-cascade-attention", action="store_true")
     ap.add_argument("--profile-steps", default=None, help="a:b: profile steps a..b-1 (kernels, host time)")
+    ap.add_argument(
+        "--host-profile-steps", default=None, help="a:b: cProfile steps a..b-1 (Python functions)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     launched = launch(
@@ -85,7 +91,11 @@ def main() -> None:
     walls = []
     profile_from, profile_to = map(int, (args.profile_steps or "-1:-1").split(":"))
     profiler = None
+    host_from, host_to = map(int, (args.host_profile_steps or "-1:-1").split(":"))
+    host_profiler = cProfile.Profile()
     while sched.has_work():
+        if len(walls) == host_from:
+            host_profiler.enable()
         if len(walls) == profile_from:
             profiler = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -94,6 +104,14 @@ def main() -> None:
         t = time.perf_counter()
         sched.step()
         walls.append(time.perf_counter() - t)
+        if len(walls) == host_to:
+            host_profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(host_profiler, stream=text).sort_stats("tottime").print_stats(30)
+            print(f"steps {host_from}..{host_to - 1}: {sum(walls[host_from:]) * 1e3:.1f} ms of wall time")
+            print(text.getvalue())
+            if args.out:
+                Path(args.out).with_suffix(".host.txt").write_text(text.getvalue())
         if profiler is not None and len(walls) == profile_to:
             torch.cuda.synchronize()
             profiler.__exit__(None, None, None)

@@ -300,6 +300,22 @@ def test_cascade_decode_heuristic_and_long_prefix():
     )
 
 
+def test_cascade_programs_loop_over_more_tiles_than_the_grid_holds():
+    """Seven groups (four of them singletons) in a batch of 10 with MEMBERS 4: 7 tiles for 6 programs."""
+    groups = [(30, [3]), (0, [2]), (25, [1, 4]), (0, [5]), (40, [2]), (10, [1, 1]), (0, [3])]
+    configs = {
+        "decode_attention": {"BLOCK_N": 16, "num_splits": 2, "num_warps": 4, "num_stages": 1},
+        "shared_prefix_attention": {
+            "BLOCK_N": 16,
+            "MEMBERS": 4,
+            "num_splits": 2,
+            "num_warps": 4,
+            "num_stages": 1,
+        },
+    }
+    _check_cascade(_cascade_batch(8, groups, 2, 4, 32, torch.float32), configs)
+
+
 def test_reference_refuses_groups_that_do_not_share_their_prefix():
     batch = _cascade_batch(6, [(20, [2, 3])], 1, 2, 16, torch.float32)
     batch["kv_indices"][batch["kv_indptr"][1] + 4] += 0  # (no change: accepted)

@@ -100,14 +100,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def decode_attention_key(
-    batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, cascade: bool = False
 ) -> tuple:
-    """Tuning key: heads, head_dim, cache dtype and the batch's power-of-two bucket."""
-    return (num_q_heads, num_kv_heads, head_dim, _dtype_name(dtype), _pow2_bucket(batch))
+    """Tuning key: heads, head_dim, cache dtype and the batch's power-of-two bucket (and whether a cascade
+    leaves the kernel only the requests' own keys)."""
+    key = (num_q_heads, num_kv_heads, head_dim, _dtype_name(dtype), _pow2_bucket(batch))
+    return key + ("own keys",) if cascade else key
 
 
 def decode_attention_heuristic(
-    batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, cascade: bool = False
 ) -> Callable[[], Config]:
     def heuristic() -> Config:
         # About 2 programs per SM over (request, KV head, split), rounded down to a power of two
@@ -117,9 +119,11 @@ def decode_attention_heuristic(
         splits = min(32, _pow2_floor(max(1, 2 * _num_sms() // programs)))
         # K/V tiles of 16-32 KB; wide rows (D = 256 in 16 bits) want a third stage (+25-30% on the
         # H100 sweep), fp32 rows stay at two to fit shared memory.
+        # Under a cascade the requests' own keys are few (a question and the output so far): half tiles
+        # fit twice the programs per SM, and a few key tiles per program leave nothing to pipeline.
         row_bytes = _block_d(head_dim) * dtype.itemsize
         if row_bytes <= 256:
-            block_n, stages = 128, 2
+            block_n, stages = (64, 2) if cascade else (128, 2)
         elif row_bytes <= 512:
             block_n, stages = 64, 3 if dtype.itemsize == 2 else 2
         else:
@@ -319,13 +323,13 @@ def decode_attention(
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
+    cascade = cascade_indptr is not None and cascade_indptr.numel() > 0
     if config is None:
         config = autotune.get_config(
             "decode_attention",
-            decode_attention_key(batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype),
-            decode_attention_heuristic(batch, num_kv_heads, head_dim, k_cache.dtype),
+            decode_attention_key(batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype, cascade),
+            decode_attention_heuristic(batch, num_kv_heads, head_dim, k_cache.dtype, cascade),
         )
-    cascade = cascade_indptr is not None and cascade_indptr.numel() > 0
     if cascade and shared_config is None:
         shared_config = autotune.get_config(
             "shared_prefix_attention",
@@ -425,10 +429,12 @@ def shared_prefix_heuristic(batch: int, num_kv_heads: int, group: int) -> Callab
     def heuristic() -> Config:
         # Rows of one dot: MEMBERS requests x the KV head's query heads (padded to a power of two),
         # 64 rows. The groups are not known on the host: assume the batch is one group and split its
-        # shared keys for about 2 programs per SM (untuned on a GPU so far).
+        # shared keys for about 8 programs per SM. A program's keys are a serial chain of dependent
+        # loads, so fewer, longer splits ran latency-bound on the H200 (2 splits of a 2048-key prefix:
+        # 88 us a layer for 16 groups' 67 MB).
         members = max(1, 64 // triton.next_power_of_2(group))
         programs = triton.cdiv(batch, members) * num_kv_heads
-        splits = min(16, _pow2_floor(max(1, 2 * _num_sms() // programs)))
+        splits = min(16, _pow2_floor(max(1, 8 * _num_sms() // programs)))
         return {"BLOCK_N": 64, "MEMBERS": members, "num_splits": splits, "num_warps": 4, "num_stages": 2}
 
     return heuristic
@@ -470,48 +476,49 @@ def _shared_prefix_kernel(
     BLOCK_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # This program's (group, tile of MEMBERS requests) among all groups' tiles, counted in-kernel.
+    # The groups' tiles of MEMBERS requests, counted in-kernel (the grid is fixed per batch size, for
+    # graph replay); this program takes tiles pid, pid + P, ... so any grouping fits the grid.
     offs_g = tl.arange(0, BLOCK_B)
     g_mask = offs_g < num_reqs
     starts = tl.load(CascadeIndptr + offs_g, mask=g_mask, other=0)
     sizes = tl.load(CascadeIndptr + offs_g + 1, mask=g_mask, other=0) - starts
     tiles = tl.cdiv(sizes, MEMBERS)
     ends = tl.cumsum(tiles, 0)
-    if pid >= tl.max(ends, 0):  # the grid bounds the tile count from shapes; the rest exit
-        return
-    g = tl.sum((ends <= pid).to(tl.int32), 0)
-    mine = offs_g == g
-    g_start = tl.sum(tl.where(mine, starts, 0), 0)
-    g_end = g_start + tl.sum(tl.where(mine, sizes, 0), 0)
-    first = g_start + (pid - tl.sum(tl.where(mine, ends - tiles, 0), 0)) * MEMBERS
-
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    reqs = first + offs_m // BLOCK_H
-    heads = kvh * GROUP + offs_m % BLOCK_H
-    row_mask = (reqs < g_end) & (offs_m % BLOCK_H < GROUP) & (offs_m // BLOCK_H < MEMBERS)  # (BLOCK_M >= 16)
-    out_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-
-    shared = tl.load(SharedLen + g_start)
-    kv_start = tl.load(KvIndptr + g_start)  # the shared slots: the group's first request's first ones
-    q = tl.load(
-        Q + reqs[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
-    ).to(K.dtype.element_ty)
-    o, lse, any_keys = _attend_split(
-        q, K, V, KvIndices, kv_start, kvh, 0, shared, split, sm_scale_log2,
-        stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_M, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D, DOT_PRECISION,
-    )  # fmt: skip
-    if any_keys:  # (a split past the shared keys, or a group sharing none, stores only lse)
-        tl.store(
-            MidO + reqs[:, None] * stride_mb + heads[:, None] * stride_mh + (SPLIT_BASE + split) * stride_ms
-            + offs_d[None, :],
-            o,
+    for t in range(tl.program_id(0), tl.max(ends, 0), tl.num_programs(0)):
+        g = tl.sum((ends <= t).to(tl.int32), 0)
+        mine = offs_g == g
+        g_start = tl.sum(tl.where(mine, starts, 0), 0)
+        g_end = g_start + tl.sum(tl.where(mine, sizes, 0), 0)
+        first = g_start + (t - tl.sum(tl.where(mine, ends - tiles, 0), 0)) * MEMBERS
+        reqs = first + offs_m // BLOCK_H
+        heads = kvh * GROUP + offs_m % BLOCK_H
+        # (BLOCK_M >= 16 rows: those past MEMBERS requests are masked)
+        row_mask = (reqs < g_end) & (offs_m % BLOCK_H < GROUP) & (offs_m // BLOCK_H < MEMBERS)
+        out_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        shared = tl.load(SharedLen + g_start)
+        kv_start = tl.load(KvIndptr + g_start)  # the shared slots: the group's first request's first ones
+        q = tl.load(
+            Q + reqs[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=out_mask,
+            other=0,
+        ).to(K.dtype.element_ty)
+        o, lse, any_keys = _attend_split(
+            q, K, V, KvIndices, kv_start, kvh, 0, shared, split, sm_scale_log2,
+            stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_M, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
+            DOT_PRECISION,
         )  # fmt: skip
-    tl.store(MidLse + reqs * stride_lb + heads * stride_lh + SPLIT_BASE + split, lse, mask=row_mask)
+        if any_keys:  # (a split past the shared keys, or a group sharing none, stores only lse)
+            tl.store(
+                MidO + reqs[:, None] * stride_mb + heads[:, None] * stride_mh + (SPLIT_BASE + split) * stride_ms
+                + offs_d[None, :],
+                o,
+                mask=out_mask,
+            )  # fmt: skip
+        tl.store(MidLse + reqs * stride_lb + heads * stride_lh + SPLIT_BASE + split, lse, mask=row_mask)
 
 
 def _shared_prefix(
@@ -533,8 +540,9 @@ def _shared_prefix(
     group = num_q_heads // num_kv_heads
     block_h = triton.next_power_of_2(group)
     members = config["MEMBERS"]
-    # sum_g cdiv(n_g, MEMBERS) <= cdiv(B, MEMBERS) + B - 1 (at most B groups): a bound from shapes.
-    grid = (triton.cdiv(batch, members) + batch - 1, num_kv_heads, config["num_splits"])
+    # Programs per (KV head, split): room for twice the fewest tiles (the batch as one group) in one
+    # pass; more tiles (many small groups) loop.
+    grid = (min(batch, 2 * triton.cdiv(batch, members)), num_kv_heads, config["num_splits"])
     _shared_prefix_kernel[grid](
         q,
         k,
