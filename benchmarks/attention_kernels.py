@@ -1,15 +1,18 @@
 """Triton paged attention on the GPU: decode bandwidth and extend TFLOP/s, heuristic config vs a sweep.
 
-    python benchmarks/attention_kernels.py [decode|extend|all] [--sweep]
+    python benchmarks/attention_kernels.py [decode|extend|cascade|all] [--sweep]
 
 Llama-3.1-8B head shape (32 q / 8 kv heads, D 128), bf16, slots randomly permuted (a paged pool).
 Decode is memory-bound: KV bytes read over time, against the 3011 GB/s copy ceiling.
+Cascade: bar 4's decode batch (Llama-3.2-1B heads, D 64; 256 requests in groups sharing a 2048-key
+prefix, 128-384 keys of their own): plain decode vs cascade, each kernel's time, and (--sweep) configs.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import random
 
 import torch
 import triton
@@ -100,15 +103,92 @@ def extend(sweep: bool) -> list[str]:
     return rows
 
 
+def _cascade_batch(groups: list[tuple[int, int]], hkv: int, d: int, rng: random.Random) -> dict:
+    """groups: (shared keys, members); a member holds the shared keys then 128-384 of its own. A group
+    sharing none is one request whose whole row is its own (a singleton in the scheduler's terms)."""
+    rows, shared_len, sizes, next_slot = [], [], [], 0
+    for shared, members in groups:
+        prefix = list(range(next_slot, next_slot + shared))
+        next_slot += shared
+        for _ in range(members):
+            own = rng.randint(128, 384) + (2048 if shared == 0 else 0)
+            rows.append(prefix + list(range(next_slot, next_slot + own)))
+            next_slot += own
+            shared_len.append(shared)
+        sizes.append(members)
+    perm = torch.randperm(next_slot, device=DEV)  # a paged pool: the slots are scattered
+    b = len(rows)
+    kc = torch.randn(1, next_slot, hkv, d, device=DEV, dtype=DT)
+    return {
+        "kc": kc, "vc": torch.randn_like(kc), "q": torch.randn(b, 32, d, device=DEV, dtype=DT),
+        "kv_indices": perm[torch.tensor([s for r in rows for s in r], device=DEV)],
+        "kv_indptr": torch.tensor([0] + list(itertools.accumulate(len(r) for r in rows)), device=DEV),
+        "cascade_indptr": torch.tensor(([0] + list(itertools.accumulate(sizes)) + [b] * b)[: b + 1], device=DEV),
+        "shared_len": torch.tensor(shared_len, device=DEV),
+        "read_all": sum(len(r) for r in rows), "read_unique": next_slot,
+    }  # fmt: skip
+
+
+def _kernel_times(fn) -> str:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    times = {e.key: e.device_time_total / e.count for e in prof.key_averages() if e.key.startswith("_")}
+    return ", ".join(f"{k} {v:.1f} us" for k, v in sorted(times.items()))
+
+
+def cascade(sweep: bool) -> list[str]:
+    hkv, d = 8, 64  # llama-3.2-1b
+    rng = random.Random(0)
+    scenarios = {
+        "16 groups x 16": [(2048, 16)] * 16,
+        "64 groups x 4": [(2048, 4)] * 64,
+        "16 x 15 + 16 alone": [(2048, 15)] * 16 + [(0, 1)] * 16,
+    }
+    rows = []
+    for name, groups in scenarios.items():
+        x = _cascade_batch(groups, hkv, d, rng)
+        per_key = 2 * hkv * d * DT.itemsize
+
+        def plain(c=None, x=x):
+            return A.decode_attention(
+                x["q"], x["kc"], x["vc"], 0, x["kv_indptr"], x["kv_indices"], d**-0.5, c
+            )
+
+        def cas(c=None, sc=None, x=x):
+            return A.decode_attention(x["q"], x["kc"], x["vc"], 0, x["kv_indptr"], x["kv_indices"], d**-0.5, c,
+                                      x["cascade_indptr"], x["shared_len"], sc)  # fmt: skip
+
+        torch.testing.assert_close(cas(), plain(), atol=2e-2, rtol=2e-2)
+        tp, tc = seconds(plain), seconds(cas)
+        row = (f"cascade {name}: plain {tp * 1e6:.1f} us ({x['read_all'] * per_key / tp / 1e9:.0f} GB/s), "
+               f"cascade {tc * 1e6:.1f} us ({x['read_unique'] * per_key / tc / 1e9:.0f} GB/s of unique keys); "
+               f"kernels: {_kernel_times(cas)}")  # fmt: skip
+        if sweep:
+            space = [{"BLOCK_N": bn, "MEMBERS": m, "num_splits": sp, "num_warps": w, "num_stages": st}
+                     for bn, m, sp, (w, st) in itertools.product((32, 64), (8, 16), (2, 4, 8, 16), ((4, 1), (4, 2)))]  # fmt: skip
+            ts, cs = best(lambda c: cas(None, c), space)
+            dspace = [{"BLOCK_N": bn, "num_splits": sp, "num_warps": w, "num_stages": st}
+                      for bn, sp, (w, st) in itertools.product((32, 64, 128), (1, 2, 4, 8), ((4, 2),))]  # fmt: skip
+            td, cd = best(lambda c, cs=cs: cas(c, cs), dspace)
+            row += f" | best shared {ts * 1e6:.1f} us ({cs}), then best decode {td * 1e6:.1f} us ({cd})"
+            row += f"; kernels: {_kernel_times(lambda cd=cd, cs=cs: cas(cd, cs))}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", nargs="?", default="all", choices=["decode", "extend", "all"])
+    ap.add_argument("mode", nargs="?", default="all", choices=["decode", "extend", "cascade", "all"])
     ap.add_argument("--sweep", action="store_true", help="also time the candidate configs")
     args = ap.parse_args()
     torch.manual_seed(0)
-    rows = (decode(args.sweep) if args.mode != "extend" else []) + (
-        extend(args.sweep) if args.mode != "decode" else []
-    )
+    rows = []
+    for mode, run in (("decode", decode), ("extend", extend), ("cascade", cascade)):
+        if args.mode in (mode, "all"):
+            rows += run(args.sweep)
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print("\n".join(rows))
 
