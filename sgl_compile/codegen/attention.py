@@ -100,16 +100,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def decode_attention_key(
-    batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, cascade: bool = False
+    batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> tuple:
-    """Tuning key: heads, head_dim, cache dtype and the batch's power-of-two bucket (and whether a cascade
-    leaves the kernel only the requests' own keys)."""
-    key = (num_q_heads, num_kv_heads, head_dim, _dtype_name(dtype), _pow2_bucket(batch))
-    return key + ("own keys",) if cascade else key
+    """Tuning key: heads, head_dim, cache dtype and the batch's power-of-two bucket."""
+    return (num_q_heads, num_kv_heads, head_dim, _dtype_name(dtype), _pow2_bucket(batch))
 
 
 def decode_attention_heuristic(
-    batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, cascade: bool = False
+    batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> Callable[[], Config]:
     def heuristic() -> Config:
         # About 2 programs per SM over (request, KV head, split), rounded down to a power of two
@@ -119,11 +117,9 @@ def decode_attention_heuristic(
         splits = min(32, _pow2_floor(max(1, 2 * _num_sms() // programs)))
         # K/V tiles of 16-32 KB; wide rows (D = 256 in 16 bits) want a third stage (+25-30% on the
         # H100 sweep), fp32 rows stay at two to fit shared memory.
-        # Under a cascade the requests' own keys are few (a question and the output so far): half tiles
-        # fit twice the programs per SM, and a few key tiles per program leave nothing to pipeline.
         row_bytes = _block_d(head_dim) * dtype.itemsize
         if row_bytes <= 256:
-            block_n, stages = (64, 2) if cascade else (128, 2)
+            block_n, stages = 128, 2
         elif row_bytes <= 512:
             block_n, stages = 64, 3 if dtype.itemsize == 2 else 2
         else:
@@ -327,8 +323,8 @@ def decode_attention(
     if config is None:
         config = autotune.get_config(
             "decode_attention",
-            decode_attention_key(batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype, cascade),
-            decode_attention_heuristic(batch, num_kv_heads, head_dim, k_cache.dtype, cascade),
+            decode_attention_key(batch, num_q_heads, num_kv_heads, head_dim, k_cache.dtype),
+            decode_attention_heuristic(batch, num_kv_heads, head_dim, k_cache.dtype),
         )
     if cascade and shared_config is None:
         shared_config = autotune.get_config(
@@ -429,12 +425,12 @@ def shared_prefix_heuristic(batch: int, num_kv_heads: int, group: int) -> Callab
     def heuristic() -> Config:
         # Rows of one dot: MEMBERS requests x the KV head's query heads (padded to a power of two),
         # 64 rows. The groups are not known on the host: assume the batch is one group and split its
-        # shared keys for about 8 programs per SM. A program's keys are a serial chain of dependent
-        # loads, so fewer, longer splits ran latency-bound on the H200 (2 splits of a 2048-key prefix:
-        # 88 us a layer for 16 groups' 67 MB).
+        # shared keys for about 2 programs per SM. On the H200 (`benchmarks/attention_kernels.py
+        # cascade --sweep`, 256 requests, 2048 shared keys) this was the best of 32 configs for 16
+        # groups of 16; 8 splits, 4 per SM, ran 30% slower.
         members = max(1, 64 // triton.next_power_of_2(group))
         programs = triton.cdiv(batch, members) * num_kv_heads
-        splits = min(16, _pow2_floor(max(1, 8 * _num_sms() // programs)))
+        splits = min(16, _pow2_floor(max(1, 2 * _num_sms() // programs)))
         return {"BLOCK_N": 64, "MEMBERS": members, "num_splits": splits, "num_warps": 4, "num_stages": 2}
 
     return heuristic
