@@ -115,8 +115,34 @@ def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
     return tokens
 
 
+# bf16 logits of this model carry ~1% relative error after 30 layers (docs/benchmarks.md, bar 6): a
+# top-2 gap below it is a tie that rounding may break either way, in ours or in transformers.
+NEAR_TIE = 0.01
+
+
+def _fp32_greedy_until_near_tie(m: LoadedModel, ids: list[int], n: int) -> list[int]:
+    """fp32 greedy tokens up to (not including) the first whose top-2 logit gap is a near-tie."""
+    ids, tokens = list(ids), []
+    for _ in range(n):
+        top = ours_logits(m, ids)[-1].topk(2)
+        if float((top.values[0] - top.values[1]) / top.values[0].abs()) < NEAR_TIE:
+            break
+        tokens.append(int(top.indices[0]))
+        ids.append(tokens[-1])
+    return tokens
+
+
 def test_bf16_greedy_16_tokens_match_transformers_bf16(smollm2, smollm2_bf16, hf_smollm2_bf16) -> None:
+    """Greedy bf16 tokens equal transformers' bf16 ones up to the first near-tie of the fp32 reference
+    (a CPU's bf16 rounding decides such ties: an AVX2 EPYC broke one on the non-English prompt, a
+    0.24 gap on logits of 31, that others did not)."""
     eos = smollm2.tokenizer.eos_token_ids
+    compared = 0
     for key, ids in _prompt_ids(smollm2).items():
+        ref = _until_eos(_fp32_greedy_until_near_tie(smollm2, ids, 16), eos)
         ours = _until_eos(ours_greedy(smollm2_bf16, ids, 16), eos)
-        assert ours == _until_eos(hf_greedy(hf_smollm2_bf16, ids, 16), eos), key
+        theirs = _until_eos(hf_greedy(hf_smollm2_bf16, ids, 16), eos)
+        tie = len(ref)
+        assert ours[:tie] == theirs[:tie] == ref, key
+        compared += min(tie, len(ours))
+    assert compared >= 16, compared  # not vacuous: 23 of the 5 x 16 tokens come before a near-tie here
