@@ -130,6 +130,43 @@ def decode_attention_heuristic(
 
 
 @triton.jit
+def _online_softmax_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    K,
+    V,
+    slot,
+    kvh,
+    kv_mask,
+    visible,
+    offs_d,
+    sm_scale_log2,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    MASK_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold one tile of keys (their `slot`s; `kv_mask` on the K/V loads) into the running max m_i, sum
+    l_i and output acc of q's rows; with MASK_SCORES, scores where not `visible` are dropped. Callers
+    make sure each row sees a key in its first tile (the running max stays finite)."""
+    k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+    if MASK_SCORES:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_split(
     q,
     K,
@@ -169,17 +206,11 @@ def _attend_split(
         n_mask = n < hi
         slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile holds >= 1 valid key, so m_new is finite and padded rows stay finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # Every tile holds >= 1 valid key, so the running max is finite and padded rows stay finite.
+        m_i, l_i, acc = _online_softmax_tile(
+            q, m_i, l_i, acc, K, V, slot, kvh, kv_mask, n_mask[None, :], offs_d, sm_scale_log2,
+            stride_ks, stride_kh, stride_vs, stride_vh, True, DOT_PRECISION,
+        )  # fmt: skip
     nonempty = l_i > 0  # false for an empty split (and an empty range): output 0, lse -inf
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
@@ -649,19 +680,12 @@ def _extend_tile(
     else:
         slot = tl.load(KvIndices + kv_start + n).to(tl.int64)
         kv_mask = d_mask[None, :]
-    k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-    if CAUSAL:
-        # Query row i sits at position prefix + i; keys past end_n are masked by this for real rows.
-        s = tl.where(n[None, :] <= prefix + offs_m[:, None], s, float("-inf"))
-    # Key 0 is visible to every row and is in the first tile visited, so m_new stays finite.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    # Query row i sits at position prefix + i; keys past end_n are masked by this for real rows. Key 0
+    # is visible to every row and is in the first tile visited, so the running max stays finite.
+    return _online_softmax_tile(
+        q, m_i, l_i, acc, K, V, slot, kvh, kv_mask, n[None, :] <= prefix + offs_m[:, None], offs_d, sm_scale_log2,
+        stride_ks, stride_kh, stride_vs, stride_vh, CAUSAL, DOT_PRECISION,
+    )  # fmt: skip
 
 
 @triton.jit
