@@ -1,11 +1,13 @@
 """Triton paged attention on the GPU: decode bandwidth and extend TFLOP/s, heuristic config vs a sweep.
 
-    python benchmarks/attention_kernels.py [decode|extend|cascade|all] [--sweep]
+    python benchmarks/attention_kernels.py [decode|extend|cascade|all] [--sweep] [--flashinfer]
 
 Llama-3.1-8B head shape (32 q / 8 kv heads, D 128), bf16, slots randomly permuted (a paged pool).
 Decode is memory-bound: KV bytes read over time, against the 3011 GB/s copy ceiling.
 Cascade: bar 4's decode batch (Llama-3.2-1B heads, D 64; 256 requests in groups sharing a 2048-key
 prefix, 128-384 keys of their own): plain decode vs cascade, each kernel's time, and (--sweep) configs.
+--flashinfer: flashinfer 0.6.13 on the same batches (decode on CUDA cores and on tensor cores; the
+host time of its per-step plan separately).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import time
 
 import torch
 import triton
@@ -44,7 +47,31 @@ def best(run, configs: list[dict]) -> tuple[float, dict]:
     return min(timed, key=lambda r: r[0])
 
 
-def decode(sweep: bool) -> list[str]:
+def flashinfer_times(q, kc, vc, qo: list[int], kvp: list[int], kvi, decode: bool) -> str:
+    """flashinfer on one batch: the kernel time (per variant) and the plan's host time."""
+    from sgl_compile.codegen.flashinfer_attention import FlashinferAttention
+
+    parts = []
+    qo_d, kvp_d = torch.tensor(qo, device=DEV), torch.tensor(kvp, device=DEV)  # read for their shapes
+    for tc in (False, True) if decode else (None,):
+        fa = FlashinferAttention(q.shape[1], kc.shape[2], q.shape[2], q.dtype, q.device, tensor_cores=tc)
+        fa.plan(qo, kvp, kvi)  # JIT-builds on first use
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            fa.plan(qo, kvp, kvi)
+        plan_us = (time.perf_counter() - start) / 10 * 1e6
+        t = seconds(
+            lambda fa=fa: fa.paged_attention(
+                q, None, None, kc, vc, 0, None, qo_d, kvp_d, kvi, q.shape[2] ** -0.5
+            )
+        )
+        name = "" if tc is None else ("tensor cores " if tc else "cuda cores ")
+        parts.append(f"{name}{t * 1e6:.1f} us (plan {plan_us:.0f} us host)")
+    return "flashinfer " + ", ".join(parts)
+
+
+def decode(sweep: bool, flashinfer: bool = False) -> list[str]:
     rows = []
     for b, ctx in [(1, 1024), (1, 8192), (8, 2048), (32, 1024), (32, 4096), (128, 2048)]:
         kc, vc = pool(b * ctx + 16)
@@ -56,7 +83,7 @@ def decode(sweep: bool) -> list[str]:
         def run(c, q=q, kc=kc, vc=vc, kv_indptr=kv_indptr, kv_indices=kv_indices):
             return A.decode_attention(q, kc, vc, 0, kv_indptr, kv_indices, D**-0.5, c)
 
-        heur = A.decode_attention_heuristic(b, HKV, D)()
+        heur = A.decode_attention_heuristic(b, HKV, D, DT)()
         t = seconds(lambda h=heur: run(h))
         row = f"decode B={b:4d} ctx={ctx:5d} {t * 1e6:8.1f} us {nbytes / t / 1e9:6.0f} GB/s ({heur})"
         if sweep:
@@ -65,12 +92,16 @@ def decode(sweep: bool) -> list[str]:
                      for bn, s, w, st in itertools.product((32, 64, 128), splits, (4, 8), (1, 2, 3))]  # fmt: skip
             tb, cb = best(run, space)
             row += f" | best {nbytes / tb / 1e9:6.0f} GB/s ({cb})"
+        if flashinfer:
+            row += " | " + flashinfer_times(
+                q, kc, vc, list(range(b + 1)), kv_indptr.tolist(), kv_indices, True
+            )
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
-def extend(sweep: bool) -> list[str]:
+def extend(sweep: bool, flashinfer: bool = False) -> list[str]:
     rows = []
     for prefix, new, nreq in [(0, 4096, 1), (2048, 512, 4), (0, 1024, 8), (8192, 256, 2)]:
         ctx = prefix + new
@@ -84,7 +115,7 @@ def extend(sweep: bool) -> list[str]:
         def run(c, q=q, kc=kc, vc=vc, qo=qo_indptr, kvp=kv_indptr, kvi=kv_indices):
             return A.extend_attention(q, kc, vc, 0, qo, kvp, kvi, D**-0.5, c)
 
-        heur = A.extend_attention_heuristic(nreq * new, nreq, D)()
+        heur = A.extend_attention_heuristic(nreq * new, nreq, D, DT)()
         t = seconds(lambda h=heur: run(h))
         row = f"extend {nreq} x ({prefix} cached + {new} new) {t * 1e6:8.1f} us {flops / t / 1e12:6.1f} TF/s ({heur})"
         if sweep:
@@ -98,6 +129,10 @@ def extend(sweep: bool) -> list[str]:
             sdpa = seconds(lambda qs=qs, ks=ks: torch.nn.functional.scaled_dot_product_attention(
                 qs, ks, ks, is_causal=True, enable_gqa=True))  # fmt: skip
             row += f" | sdpa {flops / sdpa / 1e12:6.1f} TF/s"
+        if flashinfer:
+            row += " | " + flashinfer_times(
+                q, kc, vc, qo_indptr.tolist(), kv_indptr.tolist(), kv_indices, False
+            )
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -138,7 +173,7 @@ def _kernel_times(fn) -> str:
     return ", ".join(f"{k} {v:.1f} us" for k, v in sorted(times.items()))
 
 
-def cascade(sweep: bool) -> list[str]:
+def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:
     hkv, d = 8, 64  # llama-3.2-1b
     rng = random.Random(0)
     scenarios = {
@@ -174,6 +209,11 @@ def cascade(sweep: bool) -> list[str]:
             td, cd = best(lambda c, cs=cs: cas(c, cs), dspace)
             row += f" | best shared {ts * 1e6:.1f} us ({cs}), then best decode {td * 1e6:.1f} us ({cd})"
             row += f"; kernels: {_kernel_times(lambda cd=cd, cs=cs: cas(cd, cs))}"
+        if flashinfer:
+            b = x["q"].shape[0]
+            row += " | " + flashinfer_times(
+                x["q"], x["kc"], x["vc"], list(range(b + 1)), x["kv_indptr"].tolist(), x["kv_indices"], True
+            )
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -183,12 +223,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", nargs="?", default="all", choices=["decode", "extend", "cascade", "all"])
     ap.add_argument("--sweep", action="store_true", help="also time the candidate configs")
+    ap.add_argument("--flashinfer", action="store_true", help="also time flashinfer on the same batches")
+    ap.add_argument("--heads", default=None, help="HQ,HKV,D for decode and extend (default 32,8,128)")
     args = ap.parse_args()
+    if args.heads:
+        global HQ, HKV, D
+        HQ, HKV, D = map(int, args.heads.split(","))
     torch.manual_seed(0)
     rows = []
     for mode, run in (("decode", decode), ("extend", extend), ("cascade", cascade)):
         if args.mode in (mode, "all"):
-            rows += run(args.sweep)
+            rows += run(args.sweep, args.flashinfer)
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print("\n".join(rows))
 

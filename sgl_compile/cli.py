@@ -219,7 +219,10 @@ def _bench_latency(args: argparse.Namespace) -> None:
 _ENGINE_HELP = {
     "model": "alias, .gguf file, HF directory or dummy:NAME (see sglc models)",
     "quantization": "weight quantization: int8 | int4 | fp8",
-    "attention_backend": "torch (CPU reference) | triton (CUDA); default by device",
+    "attention_backend": "torch (CPU reference) | triton | flashinfer (CUDA, fp16 / bf16); default: torch on "
+    "CPU; on CUDA flashinfer for prefill (where installed, fp16 / bf16) and triton for decode",
+    "prefill_attention_backend": "the extend (prefill) steps' attention backend, overriding --attention-backend",
+    "decode_attention_backend": "the decode steps' attention backend, overriding --attention-backend",
     "compiled": "start from an artifact of sglc compile --out (model and compile options come from it)",
     "max_total_tokens": "KV pool size in tokens (default: from a memory budget)",
     "mem_fraction_static": "fraction of free GPU memory for the KV pool",
@@ -232,7 +235,10 @@ _ENGINE_HELP = {
     "schedule_conservativeness": "scale of the KV reserved at admission for the running requests' output "
     "to come (0: only their next token; more requests at once, more retractions)",
 }
-_COMPILE_FIELDS = ("model", "dtype", "device", "quantization", "attention_backend")
+_COMPILE_FIELDS = (
+    "model", "dtype", "device", "quantization", "attention_backend", "prefill_attention_backend",
+    "decode_attention_backend",
+)  # fmt: skip
 
 
 def _engine_flags(p: argparse.ArgumentParser, compile_only: bool = False) -> None:

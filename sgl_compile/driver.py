@@ -25,9 +25,9 @@ from sgl_compile.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Which implementation of the paged attention op runs: the torch reference (any device, the CPU path)
-# or the Triton kernels (CUDA).
-ATTENTION_BACKENDS = ("torch", "triton")
+# Which implementation of the paged attention op runs: the torch reference (any device, the CPU path),
+# the Triton kernels (CUDA), or flashinfer's (CUDA, fp16 / bf16; planned once per step).
+ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class CompileOptions:
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str | None = None  # see passes.QUANTIZATION_METHODS
-    attention_backend: str | None = None  # None: torch on CPU, triton on CUDA
+    attention_backend: str | None = None  # both phases' (None: by device, see validate)
+    prefill_attention_backend: str | None = None  # extend steps' (None: attention_backend's choice)
+    decode_attention_backend: str | None = None  # decode steps' (None: attention_backend's choice)
 
 
 @dataclass
@@ -54,30 +56,80 @@ class CompiledModel:
     reports: list[PassReport]
     options: CompileOptions
     _runnable: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+    _attention: object | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def attention(self):
+        """The attention backend's per-step planner (flashinfer's), or None when its kernels need no plan."""
+        phases = {
+            "prefill": self.options.prefill_attention_backend,
+            "decode": self.options.decode_attention_backend,
+        }
+        if self._attention is None and "flashinfer" in phases.values():
+            from sgl_compile.codegen.flashinfer_attention import FlashinferAttention
+
+            c = self.config
+            self._attention = FlashinferAttention(
+                c.num_heads, c.num_kv_heads, c.head_dim, self.dtype, self.device,
+                **{phase: name == "flashinfer" for phase, name in phases.items()},
+            )  # fmt: skip
+        return self._attention
 
     @property
     def runnable(self) -> fx.GraphModule:
-        """The program as the runtime executes it: on CUDA with each op node bound to its kernel."""
+        """The program as the runtime executes it: on CUDA with each op node bound to its kernel. A
+        planning backend's program runs only after `attention.plan` for its batch (or use `run`)."""
         if self._runnable is None:
             if self.device.type == "cuda":
                 from sgl_compile.codegen import bind_cuda_kernels
 
-                self._runnable = bind_cuda_kernels(self.program)
+                overrides = {}
+                if self.attention is not None:
+                    overrides[torch.ops.sglc.paged_attention.default] = self.attention.paged_attention
+                self._runnable = bind_cuda_kernels(self.program, overrides)
             else:
                 self._runnable = self.program
         return self._runnable
 
+    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """One forward of the program on `inputs` (its placeholders by name), planned first where the
+        backend plans. Reads the batch layout back to the host: the runtime's steps plan from theirs."""
+        if self.attention is not None:
+            self.attention.plan(
+                inputs["qo_indptr"].tolist(), inputs["kv_indptr"].tolist(), inputs["kv_indices"]
+            )
+        return self.runnable(**inputs)
 
-def resolve_attention_backend(name: str | None, device: torch.device) -> str:
+
+def resolve_attention_backend(name: str | None, device: torch.device, dtype: torch.dtype) -> str:
     if name is None:
         return "triton" if device.type == "cuda" else "torch"
     if name not in ATTENTION_BACKENDS:
         raise SglcError(f"unknown attention backend {name!r}; valid: {', '.join(ATTENTION_BACKENDS)}")
-    if name == "triton" and device.type != "cuda":
-        raise SglcError("the triton attention backend runs on CUDA; on CPU use --attention-backend torch")
+    if name in ("triton", "flashinfer") and device.type != "cuda":
+        raise SglcError(f"the {name} attention backend runs on CUDA; on CPU use --attention-backend torch")
     if name == "torch" and device.type == "cuda":
-        raise SglcError("the torch attention backend is the CPU reference; on CUDA use triton")
+        raise SglcError("the torch attention backend is the CPU reference; on CUDA use triton or flashinfer")
+    if name == "flashinfer":
+        from sgl_compile.codegen import flashinfer_attention
+
+        if dtype not in flashinfer_attention.DTYPES:
+            raise SglcError(f"flashinfer attention runs in float16 / bfloat16, not {dtype}; use triton")
+        if not flashinfer_attention.available():
+            raise SglcError("--attention-backend flashinfer needs flashinfer: pip install flashinfer-python")
     return name
+
+
+def default_prefill_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Extend steps run eagerly, so their host cost per layer counts: flashinfer's (one plan a step, a
+    light launch a layer) made offline throughput 1.2x triton's on the H200 (docs/benchmarks.md).
+    Decode replays CUDA graphs, where the triton kernels measured faster."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        from sgl_compile.codegen import flashinfer_attention
+
+        if flashinfer_attention.available():
+            return "flashinfer"
+    return resolve_attention_backend(None, device, dtype)
 
 
 def prepare_device(device: torch.device) -> None:
@@ -91,9 +143,17 @@ def prepare_device(device: torch.device) -> None:
 def validate(options: CompileOptions) -> CompileOptions:
     """Refuse bad option values before any loading; fill in the backend."""
     check_method(options.quantization)
-    resolve_dtype(options.dtype)
-    backend = resolve_attention_backend(options.attention_backend, torch.device(options.device))
-    return dataclasses.replace(options, attention_backend=backend)
+    dtype, device = resolve_dtype(options.dtype), torch.device(options.device)
+    base = options.attention_backend
+    prefill = options.prefill_attention_backend or base or default_prefill_backend(device, dtype)
+    return dataclasses.replace(
+        options,
+        attention_backend=resolve_attention_backend(base, device, dtype),
+        prefill_attention_backend=resolve_attention_backend(prefill, device, dtype),
+        decode_attention_backend=resolve_attention_backend(
+            options.decode_attention_backend or base, device, dtype
+        ),
+    )
 
 
 def compile_model(

@@ -339,6 +339,21 @@ def test_keys_and_config_space():
     assert attention.decode_attention_heuristic(256, 8, 128, torch.bfloat16)()["num_splits"] == 1
 
 
+def test_attention_backends_refused_where_they_cannot_run():
+    from sgl_compile.driver import CompileOptions, validate
+    from sgl_compile.errors import SglcError
+
+    for backend in ("triton", "flashinfer"):
+        with pytest.raises(SglcError, match="runs on CUDA"):
+            validate(CompileOptions(device="cpu", dtype="bfloat16", attention_backend=backend))
+    with pytest.raises(SglcError, match="float16 / bfloat16"):
+        validate(CompileOptions(dtype="float32", device="cuda", attention_backend="flashinfer"))
+    with pytest.raises(SglcError, match="CPU reference"):
+        validate(CompileOptions(device="cuda", attention_backend="torch"))
+    with pytest.raises(SglcError, match="unknown attention backend"):
+        validate(CompileOptions(attention_backend="flash"))
+
+
 # ---- GPU only (CI has none; results are recorded with the benchmarks): bf16, real configs, graphs ----
 
 requires_cuda = pytest.mark.skipif(

@@ -40,8 +40,9 @@ def register_cuda_kernels() -> None:
         torch.library.register_kernel(op._name, "cuda", launcher)
 
 
-def bind_cuda_kernels(gm):
-    """A copy of the program whose `sglc::` op nodes call their CUDA launchers directly.
+def bind_cuda_kernels(gm, overrides: dict | None = None):
+    """A copy of the program whose `sglc::` op nodes call their CUDA launchers directly (or the
+    launcher `overrides` names for an op: another backend's, e.g. flashinfer's attention).
 
     Same graph, same weights (shared); what goes is the dispatcher's per-call cost (schema checks, the
     Python custom-op path: ~0.1 ms a call, measured), which CUDA graphs hide in decode but every eager
@@ -51,7 +52,7 @@ def bind_cuda_kernels(gm):
 
     from torch import fx
 
-    kernels = cuda_kernels()
+    kernels = {**cuda_kernels(), **(overrides or {})}
     bound = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     for node in bound.graph.nodes:
         if node.op == "call_function" and node.target in kernels:

@@ -49,6 +49,10 @@ class DecodeGraphs:
         # Cascade: every row its own group unless the batch says otherwise (padding rows stay alone).
         self.cascade_indptr = torch.arange(self.max_bs + 1, **i64) if runner.cascade else runner._empty
         self.shared_len = torch.zeros(self.max_bs, **i64) if runner.cascade else runner._empty
+        attention = runner.attention  # plans each replay where flashinfer runs decode
+        self.attention = attention if attention is not None and attention.decode_enabled else None
+        if self.attention is not None:
+            self.attention.reserve_graphs(self.max_bs, self.max_kv)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}
         self.pool = None
@@ -74,6 +78,8 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph"):
                 inputs = self._inputs(bs)
+                if self.attention is not None:  # capture with every row on one key; replays re-plan
+                    self.attention.plan_graph(bs, list(range(bs + 1)), self.kv_indices)
                 for _ in range(2):  # compile kernels and settle allocations outside the capture
                     self.runner.run_program(inputs)
                 graph = torch.cuda.CUDAGraph()
@@ -109,5 +115,10 @@ class DecodeGraphs:
             self.cascade_indptr[b + 1 : bs + 1].copy_(self.one_to_max[b:bs])
             self.shared_len[:b].copy_(fb.shared_len)
             self.shared_len[b:bs].zero_()
+        if self.attention is not None:
+            kvp = fb.host_kv_indptr
+            self.attention.plan_graph(
+                bs, kvp + list(range(kvp[-1] + 1, kvp[-1] + 1 + bs - b)), self.kv_indices
+            )
         self.graphs[bs].replay()
         return self.outputs[bs][:b]

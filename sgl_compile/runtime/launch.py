@@ -37,7 +37,9 @@ class EngineArgs:
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str | None = None  # int8 | int4 | fp8 (weights)
-    attention_backend: str | None = None  # torch (CPU) | triton (CUDA); None picks by device
+    attention_backend: str | None = None  # torch (CPU) | triton | flashinfer (CUDA); None picks by device
+    prefill_attention_backend: str | None = None  # extend steps' backend, if not attention_backend's
+    decode_attention_backend: str | None = None  # decode steps' backend, if not attention_backend's
     compiled: str | None = None  # an artifact directory from `sglc compile --out`; replaces the above
     max_total_tokens: int | None = None  # KV pool slots; default from a memory budget
     mem_fraction_static: float = 0.85  # of free GPU memory, for the KV pool
@@ -73,7 +75,7 @@ def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        compiled.runnable(**{name: inputs[name] for name in input_names(compiled.program)})
+        compiled.run(**{name: inputs[name] for name in input_names(compiled.program)})
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del inputs
@@ -123,7 +125,10 @@ def jump_forward_enabled(args: EngineArgs, device: torch.device) -> bool:
 
 
 def compile_options(args: EngineArgs) -> CompileOptions:
-    return CompileOptions(args.model, args.dtype, args.device, args.quantization, args.attention_backend)
+    return CompileOptions(
+        args.model, args.dtype, args.device, args.quantization, args.attention_backend,
+        args.prefill_attention_backend, args.decode_attention_backend,
+    )  # fmt: skip
 
 
 def load_program(args: EngineArgs) -> CompiledModel:

@@ -20,12 +20,13 @@ of the earlier step fills.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from sgl_compile.driver import CompiledModel
+from sgl_compile.errors import SglcError
 from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.request import Req
 
@@ -43,6 +44,9 @@ class ForwardBatch:
     cascade_indptr: Tensor  # [B + 1] group boundaries (trailing groups empty), or empty: no groups
     shared_len: Tensor  # [B] KV slots each request shares with its group, or empty
     logits_indices: Tensor
+    # qo_indptr / kv_indptr as the host built them: what a planning attention backend reads (no sync)
+    host_qo_indptr: list[int] = field(default_factory=list)
+    host_kv_indptr: list[int] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -50,7 +54,7 @@ class ForwardBatch:
         return self.input_ids.shape[0] == self.qo_indptr.shape[0] - 1
 
     def as_inputs(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("host_")}
 
 
 @dataclass
@@ -81,6 +85,10 @@ class ModelRunner:
         self.compiled, self.kv, self.table = compiled, kv, table
         self.device = compiled.device
         self.cascade = cascade
+        self.attention = compiled.attention  # a backend that plans each step (flashinfer), or None
+        decode_backend = compiled.options.decode_attention_backend
+        if cascade and decode_backend not in ("triton", "torch"):
+            raise SglcError(f"--enable-cascade-attention needs triton decode attention, not {decode_backend}")
         self._empty = torch.empty(0, dtype=torch.int64, device=self.device)
         # Room for three steps of draws: one being built, one running, one being read back.
         self.future = torch.zeros(3 * table.table.shape[0] + 1, dtype=torch.int64, device=self.device)
@@ -124,7 +132,7 @@ class ModelRunner:
             groups, shared = self._groups(batch)
         return ForwardBatch(
             input_ids, to_device(pos, dev), to_device(slots, dev), to_device(qo, dev), to_device(kvp, dev),
-            kv_indices, groups, shared, to_device(logit_rows, dev),
+            kv_indices, groups, shared, to_device(logit_rows, dev), qo, kvp,
         )  # fmt: skip
 
     def _groups(self, batch: list[ScheduledReq]) -> tuple[Tensor, Tensor]:
@@ -140,6 +148,8 @@ class ModelRunner:
         """Logits [len(logits_indices), vocab] as float32."""
         if self.graphs is not None and fb.is_decode and self.graphs.fits(fb):
             return self.graphs.replay(fb).float()
+        if self.attention is not None:
+            self.attention.plan(fb.host_qo_indptr, fb.host_kv_indptr, fb.kv_indices)
         return self.run_program(fb.as_inputs()).float()
 
     def run_program(self, inputs: dict[str, Tensor]) -> Tensor:
