@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=500)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sort", default="cumtime", help="cProfile order: cumtime | tottime")
+    ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     compiled = compile_model(model="dummy:smollm2-135m")
     vocab = compiled.config.vocab_size
@@ -62,7 +64,7 @@ def main() -> None:
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(lambda: [sched.step() for _ in range(args.steps)])
-        pstats.Stats(profile).sort_stats("cumtime").print_stats(20)
+        pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
     else:
         for _ in range(args.steps):
             sched.step()

@@ -151,7 +151,10 @@ def test_engine_matches_triton_backend():
                     context_length=1024, **flags) as e:  # fmt: skip
             if name == "default":
                 opts = e.compiled.options
-                assert (opts.prefill_attention_backend, opts.decode_attention_backend) == ("flashinfer", "triton")
+                assert (opts.prefill_attention_backend, opts.decode_attention_backend) == (
+                    "flashinfer",
+                    "triton",
+                )
             outs[name] = e.generate(input_ids=prompts, sampling_params=params)
     for other in ("flashinfer", "default"):
         _agree_up_to_near_ties(outs["triton"], outs[other], len(prompts))
