@@ -219,8 +219,8 @@ def _bench_latency(args: argparse.Namespace) -> None:
 _ENGINE_HELP = {
     "model": "alias, .gguf file, HF directory or dummy:NAME (see sglc models)",
     "quantization": "weight quantization: int8 | int4 | fp8",
-    "attention_backend": "torch (CPU reference) | triton | flashinfer (CUDA, fp16 / bf16); default: torch on "
-    "CPU; on CUDA flashinfer for prefill (where installed, fp16 / bf16) and triton for decode",
+    "attention_backend": "torch (CPU reference) | triton | flashinfer (CUDA, fp16 / bf16; pip install "
+    "flashinfer-python); default: torch on CPU, triton on CUDA",
     "prefill_attention_backend": "the extend (prefill) steps' attention backend, overriding --attention-backend",
     "decode_attention_backend": "the decode steps' attention backend, overriding --attention-backend",
     "compiled": "start from an artifact of sglc compile --out (model and compile options come from it)",

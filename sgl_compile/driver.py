@@ -102,6 +102,9 @@ class CompiledModel:
 
 
 def resolve_attention_backend(name: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """None: torch on CPU, triton on CUDA. On the H200 triton measured at least as fast as flashinfer
+    end to end (qwen3 offline 22.3-23.2k vs 21.5-22.3k tok/s; its decode kernel faster in isolation)
+    once its extend kernel stopped compiling per batch size (docs/benchmarks.md, 2026-12-03)."""
     if name is None:
         return "triton" if device.type == "cuda" else "torch"
     if name not in ATTENTION_BACKENDS:
@@ -120,18 +123,6 @@ def resolve_attention_backend(name: str | None, device: torch.device, dtype: tor
     return name
 
 
-def default_prefill_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """Extend steps run eagerly, so their host cost per layer counts: flashinfer's (one plan a step, a
-    light launch a layer) made offline throughput 1.2x triton's on the H200 (docs/benchmarks.md).
-    Decode replays CUDA graphs, where the triton kernels measured faster."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        from sgl_compile.codegen import flashinfer_attention
-
-        if flashinfer_attention.available():
-            return "flashinfer"
-    return resolve_attention_backend(None, device, dtype)
-
-
 def prepare_device(device: torch.device) -> None:
     """On CUDA, the `sglc::` ops run as Triton kernels: register them (once) as the ops' CUDA kernels."""
     if device.type == "cuda":
@@ -145,11 +136,12 @@ def validate(options: CompileOptions) -> CompileOptions:
     check_method(options.quantization)
     dtype, device = resolve_dtype(options.dtype), torch.device(options.device)
     base = options.attention_backend
-    prefill = options.prefill_attention_backend or base or default_prefill_backend(device, dtype)
     return dataclasses.replace(
         options,
         attention_backend=resolve_attention_backend(base, device, dtype),
-        prefill_attention_backend=resolve_attention_backend(prefill, device, dtype),
+        prefill_attention_backend=resolve_attention_backend(
+            options.prefill_attention_backend or base, device, dtype
+        ),
         decode_attention_backend=resolve_attention_backend(
             options.decode_attention_backend or base, device, dtype
         ),

@@ -118,7 +118,7 @@ def test_cuda_graph_replanned_between_replays(tensor_cores):
 
 
 def test_a_phase_left_to_triton():
-    """prefill on flashinfer, decode on the triton kernels (the CUDA default): a decode batch needs no
+    """prefill on flashinfer, decode on the triton kernels (`--prefill-attention-backend flashinfer`): a decode batch needs no
     plan and matches the reference; an extend batch is planned and matches too."""
     decode = _batch(4, [300, 7], [1, 1], 2, 4, 128, torch.bfloat16, device="cuda")
     extend = _batch(5, [300, 0], [40, 9], 2, 4, 128, torch.bfloat16, device="cuda")
@@ -144,19 +144,20 @@ def test_engine_matches_triton_backend():
     prompts = [[(7 * i + 13 * j) % 49152 for j in range(8 + 9 * i)] for i in range(16)]
     params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True, "return_logprob": True}
     outs = {}
-    backends = {"triton": {"attention_backend": "triton"}, "flashinfer": {"attention_backend": "flashinfer"},
-                "default": {}}  # fmt: skip
+    backends = {
+        "triton": {},
+        "flashinfer": {"attention_backend": "flashinfer"},
+        "hybrid": {"prefill_attention_backend": "flashinfer"},
+    }
     for name, flags in backends.items():
         with Engine(model="dummy:smollm2-135m", dtype="bfloat16", device="cuda", max_total_tokens=16384,
                     context_length=1024, **flags) as e:  # fmt: skip
-            if name == "default":
-                opts = e.compiled.options
-                assert (opts.prefill_attention_backend, opts.decode_attention_backend) == (
-                    "flashinfer",
-                    "triton",
-                )
+            opts = e.compiled.options
+            phases = {"triton": ("triton", "triton"), "flashinfer": ("flashinfer", "flashinfer"),
+                      "hybrid": ("flashinfer", "triton")}  # fmt: skip
+            assert (opts.prefill_attention_backend, opts.decode_attention_backend) == phases[name]
             outs[name] = e.generate(input_ids=prompts, sampling_params=params)
-    for other in ("flashinfer", "default"):
+    for other in ("flashinfer", "hybrid"):
         _agree_up_to_near_ties(outs["triton"], outs[other], len(prompts))
 
 
