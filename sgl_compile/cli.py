@@ -223,7 +223,8 @@ _ENGINE_HELP = {
     "flashinfer-python); default: torch on CPU, triton on CUDA",
     "prefill_attention_backend": "the extend (prefill) steps' attention backend, overriding --attention-backend",
     "decode_attention_backend": "the decode steps' attention backend, overriding --attention-backend",
-    "compiled": "start from an artifact of sglc compile --out (model and compile options come from it)",
+    "compiled": "start from an artifact of sglc compile --out (model and compile options come from it, "
+    "but the attention backends, which these flags may still choose)",
     "max_total_tokens": "KV pool size in tokens (default: from a memory budget)",
     "mem_fraction_static": "fraction of free GPU memory for the KV pool",
     "schedule_policy": "lpm (longest prefix match) | fcfs",

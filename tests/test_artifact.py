@@ -120,6 +120,27 @@ def test_mismatched_versions_or_device_are_refused(artifact, tmp_path) -> None:
         load_artifact(tmp_path)
 
 
+def test_attention_backends_are_chosen_at_load(artifact) -> None:
+    """The program is the same for every attention backend: flags pick them for an artifact too (a new
+    --attention-backend resets the phases; a phase flag keeps the artifact's other choices)."""
+    from sgl_compile.driver import CompileOptions
+    from sgl_compile.runtime.launch import EngineArgs, artifact_options, check_args, load_program
+
+    out, _ = artifact
+    loaded = load_program(EngineArgs(compiled=str(out), decode_attention_backend="torch"))
+    assert (loaded.options.prefill_attention_backend, loaded.options.decode_attention_backend) == (
+        "torch",
+        "torch",
+    )
+    with pytest.raises(SglcError, match="runs on CUDA"):
+        check_args(EngineArgs(compiled=str(out), attention_backend="flashinfer"))
+    cuda = CompileOptions(device="cuda", dtype="bfloat16", attention_backend="triton",
+                          prefill_attention_backend="triton", decode_attention_backend="triton")  # fmt: skip
+    assert artifact_options(cuda, EngineArgs()) is cuda
+    with pytest.raises(SglcError, match="CPU reference"):
+        artifact_options(cuda, EngineArgs(prefill_attention_backend="torch"))
+
+
 def test_serve_from_missing_artifact_fails_with_one_line(tmp_path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "sgl_compile.cli", "generate", "--compiled", str(tmp_path), "--prompt", "hi"],

@@ -41,6 +41,7 @@ class EngineArgs:
     prefill_attention_backend: str | None = None  # extend steps' backend, if not attention_backend's
     decode_attention_backend: str | None = None  # decode steps' backend, if not attention_backend's
     compiled: str | None = None  # an artifact directory from `sglc compile --out`; replaces the above
+    # but the attention backends, which it takes as given
     max_total_tokens: int | None = None  # KV pool slots; default from a memory budget
     mem_fraction_static: float = 0.85  # of free GPU memory, for the KV pool
     context_length: int | None = None
@@ -131,11 +132,28 @@ def compile_options(args: EngineArgs) -> CompileOptions:
     )  # fmt: skip
 
 
+ATTENTION_FLAGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+
+
+def artifact_options(options: CompileOptions, args: EngineArgs) -> CompileOptions:
+    """An artifact's options with the attention backends the engine flags name: the program is the
+    same for every backend (they bind its `sglc::paged_attention`), so they are a runtime choice.
+    A new --attention-backend also resets the phases it would choose; the rest come from the artifact."""
+    override = {f: getattr(args, f) for f in ATTENTION_FLAGS if getattr(args, f) is not None}
+    if not override:
+        return options
+    if "attention_backend" in override:
+        override = {"prefill_attention_backend": None, "decode_attention_backend": None} | override
+    return validate(replace(options, **override))
+
+
 def load_program(args: EngineArgs) -> CompiledModel:
     if args.compiled:
         from sgl_compile.artifact import load_artifact
 
-        return load_artifact(args.compiled)
+        compiled = load_artifact(args.compiled)
+        compiled.options = artifact_options(compiled.options, args)
+        return compiled
     return compile_model(compile_options(args))
 
 
@@ -146,7 +164,7 @@ def check_args(args: EngineArgs) -> None:
     if args.compiled:
         from sgl_compile.artifact import read_manifest
 
-        read_manifest(Path(args.compiled))
+        artifact_options(CompileOptions(**read_manifest(Path(args.compiled))["options"]), args)
     else:
         validate(compile_options(args))
 
