@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 256 * 2**20  # split-KV partial outputs; flashinfer suggests 128 MiB, large batches use more
 DTYPES = (torch.float16, torch.bfloat16)
-PREFILL_BACKEND = "fa2"  # fa3's JIT build takes minutes longer; measured in docs/benchmarks.md
+PREFILL_BACKEND = "fa2"  # fa3 (Hopper) not tried yet: its JIT build is far heavier than fa2's ~10-15 s
 
 
 def available() -> bool:
@@ -73,7 +73,7 @@ class FlashinferAttention:
         self._flashinfer = flashinfer
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # GQA groups of >= 4 query heads per KV head decode faster on tensor cores (flashinfer's prefill
-        # kernels); smaller groups on the CUDA-core decode kernels. Measured in docs/benchmarks.md.
+        # kernels); for groups of 2 neither won everywhere (CUDA cores up to batch 8; docs/benchmarks.md).
         self.tensor_cores = num_q_heads // num_kv_heads >= 4 if tensor_cores is None else tensor_cores
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores
@@ -89,6 +89,11 @@ class FlashinferAttention:
         self._active = None
         self._planned: torch.cuda.Event | None = None
         self._default_scale = 1.0 / math.sqrt(head_dim)
+        phases = [name for name, on in (("prefill", prefill), ("decode", decode)) if on]
+        log.info(
+            "flashinfer %s attention: %s head_dim %d kernels are JIT-built on first use (then cached under "
+            "~/.cache/flashinfer)", " and ".join(phases), str(dtype).removeprefix("torch."), head_dim,
+        )  # fmt: skip
 
     def _kwargs(self) -> dict:
         return {"q_data_type": self.dtype, "kv_data_type": self.dtype}
