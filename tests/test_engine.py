@@ -68,6 +68,7 @@ def test_greedy_batched_equals_transformers(engine, mixed, reference) -> None:
     engine.check_no_leaks()
 
 
+@pytest.mark.slow
 def test_greedy_one_at_a_time_without_cache(no_cache_engine, mixed, reference) -> None:
     for ids, ref in zip(mixed, reference, strict=True):
         assert no_cache_engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"] == ref
@@ -76,6 +77,7 @@ def test_greedy_one_at_a_time_without_cache(no_cache_engine, mixed, reference) -
     assert no_cache_engine.scheduler.kv.available() == 20000
 
 
+@pytest.mark.slow
 def test_greedy_chunked_prefill(smollm2_gguf, mixed, reference) -> None:
     with Engine(model=str(smollm2_gguf), max_total_tokens=20000, chunked_prefill_size=16) as e:
         assert _ids(e.generate(input_ids=mixed, sampling_params=GREEDY)) == reference

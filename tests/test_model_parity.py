@@ -57,7 +57,7 @@ def assert_fp32_parity(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert diff < 1e-3 * ref.abs().max().item(), f"max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen05"])
+@pytest.mark.parametrize("name", ["smollm2", pytest.param("qwen05", marks=pytest.mark.slow)])
 def test_fp32_logits_match_transformers(name: str, request: pytest.FixtureRequest) -> None:
     ours, hf = request.getfixturevalue(name), request.getfixturevalue(f"hf_{name}")
     ids = _prompt_ids(ours)
@@ -66,7 +66,7 @@ def test_fp32_logits_match_transformers(name: str, request: pytest.FixtureReques
         assert_fp32_parity(ours_logits(ours, prompt), hf_logits(hf, prompt))
 
 
-@pytest.mark.parametrize("name", ["smollm2", "qwen05"])
+@pytest.mark.parametrize("name", ["smollm2", pytest.param("qwen05", marks=pytest.mark.slow)])
 def test_fp32_greedy_32_tokens_match_transformers(name: str, request: pytest.FixtureRequest) -> None:
     ours, hf = request.getfixturevalue(name), request.getfixturevalue(f"hf_{name}")
     ids = _prompt_ids(ours)
@@ -132,6 +132,7 @@ def _fp32_greedy_until_near_tie(m: LoadedModel, ids: list[int], n: int) -> list[
     return tokens
 
 
+@pytest.mark.slow
 def test_bf16_greedy_16_tokens_match_transformers_bf16(smollm2, smollm2_bf16, hf_smollm2_bf16) -> None:
     """Greedy bf16 tokens equal transformers' bf16 ones up to the first near-tie of the fp32 reference
     (a CPU's bf16 rounding decides such ties: an AVX2 EPYC broke one on the non-English prompt, a

@@ -303,6 +303,7 @@ def test_metrics_parse_and_move(server) -> None:
         assert gauge in after
 
 
+@pytest.mark.slow
 def test_load_with_disconnects(server, engine) -> None:
     """200 streamed requests, 32 at a time, every 10th client hanging up after its first chunk."""
     url = server[0]
