@@ -86,6 +86,7 @@ class FlashinferAttention:
         self._graph_indices = torch.zeros(0, dtype=torch.int32, device=device)
         self._ones = self._graph_indices
         self._graph_decode: dict[int, object] = {}
+        self._host_ones = _host_int32([1] * 256)  # every request's last-page length, sliced per plan
         self._active = None
         self._planned: torch.cuda.Event | None = None
         self._default_scale = 1.0 / math.sqrt(head_dim)
@@ -94,6 +95,17 @@ class FlashinferAttention:
             "flashinfer %s attention: %s head_dim %d kernels are JIT-built on first use (then cached under "
             "~/.cache/flashinfer)", " and ".join(phases), str(dtype).removeprefix("torch."), head_dim,
         )  # fmt: skip
+
+    def _runs(self, decode: bool) -> bool:
+        """Whether this phase is flashinfer's (else the triton kernels run it, unplanned)."""
+        return self.decode_enabled if decode else self.prefill_enabled
+
+    def _last_page_lens(self, batch: int) -> Tensor:
+        # Page size 1: every last page holds one key. Never written after creation, so one pinned
+        # tensor serves every plan (no pinned allocation per step).
+        if self._host_ones.shape[0] < batch:
+            self._host_ones = _host_int32([1] * (2 * batch))
+        return self._host_ones[:batch]
 
     def _kwargs(self) -> dict:
         return {"q_data_type": self.dtype, "kv_data_type": self.dtype}
@@ -113,12 +125,13 @@ class FlashinferAttention:
     def plan(self, qo_indptr: list[int], kv_indptr: list[int], kv_indices: Tensor) -> None:
         """Plan an eager step: decode when every request has one query, else a causal extend."""
         batch = len(qo_indptr) - 1
-        if not (self.decode_enabled if qo_indptr[-1] == batch else self.prefill_enabled):
+        decode = qo_indptr[-1] == batch
+        if not self._runs(decode):
             return
         self._wait_previous_plan()
         indices = kv_indices.to(torch.int32)
-        last = _host_int32([1] * batch)
-        if qo_indptr[-1] == batch:
+        last = self._last_page_lens(batch)
+        if decode:
             self.decode.plan(
                 _host_int32(kv_indptr), indices, last, self.num_q_heads, self.num_kv_heads, self.head_dim,
                 1, **self._kwargs(),
@@ -133,7 +146,7 @@ class FlashinferAttention:
 
     def reserve_graphs(self, max_bs: int, max_kv_indices: int) -> None:
         """Room for the decode graphs' batches: up to max_bs requests holding max_kv_indices keys."""
-        if not self.decode_enabled:
+        if not self._runs(decode=True):
             return
         self._graph_indices = torch.zeros(max_kv_indices, dtype=torch.int32, device=self.device)
         self._ones = torch.ones(max_bs, dtype=torch.int32, device=self.device)
@@ -142,7 +155,7 @@ class FlashinferAttention:
     def plan_graph(self, bs: int, kv_indptr: list[int], kv_indices: Tensor) -> None:
         """Plan the decode of bucket `bs` (kv_indptr over its padded rows) for its graph's capture or
         replay: the wrapper's buffers and workspace layout are the ones the graph captured."""
-        if not self.decode_enabled:
+        if not self._runs(decode=True):
             return
         self._wait_previous_plan()
         wrapper = self._graph_decode.get(bs)
@@ -156,7 +169,7 @@ class FlashinferAttention:
             self._graph_decode[bs] = wrapper
         n = kv_indptr[-1]
         wrapper.plan(
-            _host_int32(kv_indptr), kv_indices[:n], _host_int32([1] * bs), self.num_q_heads,
+            _host_int32(kv_indptr), kv_indices[:n], self._last_page_lens(bs), self.num_q_heads,
             self.num_kv_heads, self.head_dim, 1, **self._kwargs(),
         )  # fmt: skip
         self._done_planning(wrapper)
@@ -179,7 +192,7 @@ class FlashinferAttention:
     ) -> Tensor:
         """`sglc::paged_attention` through the step's plan (the batch metadata tensors are the plan's).
         Groups of a shared prefix are ignored: they name no different result."""
-        if not (self.decode_enabled if q.shape[0] == qo_indptr.shape[0] - 1 else self.prefill_enabled):
+        if not self._runs(decode=q.shape[0] == qo_indptr.shape[0] - 1):
             return triton_attention.paged_attention(
                 q, k, v, k_cache, v_cache, layer, slot_mapping, qo_indptr, kv_indptr, kv_indices, scale,
                 cascade_indptr, shared_len,
