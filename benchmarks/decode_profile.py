@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=900)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--disable-overlap-schedule", action="store_true")
+    ap.add_argument("--kernels", type=int, default=15, help="rows of the kernel table")
+    ap.add_argument("--trace", default=None, help="write the profiled steps' Chrome trace here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     compiled = load_program(EngineArgs(model=args.model, dtype=args.dtype, device="cuda"))
@@ -80,7 +82,14 @@ def main() -> None:
         for _ in range(10):
             sched.step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=args.kernels, max_name_column_width=60
+    )
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    # Kernels per step and their summed time: against the step's device time, the rest is gaps.
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us_per_step = sum(e.device_time for e in kernels) / 10
     sched._launch = launch
     while sched.has_work():
         sched.step()
@@ -96,6 +105,8 @@ def main() -> None:
         "device_ms_median": statistics.median(device_ms),
         "floor_ms (kv + weights at 3011 GB/s)": floor_ms,
         "tok_per_s_at_wall": args.batch / statistics.median(walls),
+        "kernels_per_step": len(kernels) / 10,
+        "kernel_ms_per_step": kernel_us_per_step / 1e3,
     }  # fmt: skip
     print(table)
     print(json.dumps(result, indent=1))

@@ -136,6 +136,8 @@ def _sample_args() -> dict[str, tuple]:
         "linear_w4a16": (x, *quant.quantize_int4(_randn(5, 6, 8), 4), 4, _randn(6, 6)),
         "linear_fp8": (x, *quant.quantize_fp8(_randn(5, 6, 8)), None, True),
         "quantize_fp8_per_token": (x,),
+        "rms_norm_linear": (x, w, 1e-6, _randn(6, 12, 8), _randn(7, 12), "silu_and_mul"),
+        "add_rms_norm_linear": (x, _randn(4, 4, 8), w, 1e-6, _randn(6, 12, 8), None, "none"),
     }  # fmt: skip
 
 
@@ -148,6 +150,17 @@ def test_opcheck(name: str) -> None:
     fp8 = name in ("linear_fp8", "quantize_fp8_per_token")
     utils = ("test_faketensor",) if fp8 else ("test_schema", "test_faketensor")
     torch.library.opcheck(op, _sample_args()[name], test_utils=utils)
+
+
+def test_norm_linear_ops_are_the_ops_they_fuse() -> None:
+    x, r, w = _randn(0, 5, 8), _randn(1, 5, 8), _randn(2, 8)
+    proj, bias = _randn(3, 12, 8), _randn(4, 12)
+    normed, summed = ir.fused_add_rms_norm(x, r, w, 1e-6)
+    out, got_summed = ir.add_rms_norm_linear(x, r, w, 1e-6, proj, bias, "silu_and_mul")
+    assert torch.equal(got_summed, summed)
+    assert torch.equal(out, ir.silu_and_mul(torch.nn.functional.linear(normed, proj, bias)))
+    plain = ir.rms_norm_linear(x, w, 1e-6, proj, None, "none")
+    assert torch.equal(plain, torch.nn.functional.linear(ir.rms_norm(x, w, 1e-6), proj))
 
 
 def test_rope_store_kv_is_rope_then_the_cache_write() -> None:

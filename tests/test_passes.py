@@ -60,6 +60,9 @@ def test_every_pass_preserves_fp32_logits_and_fuses_every_layer(
         "fused_add_rms_norm": 2 * layers - 1,  # every residual add but the last, whose norm sees pruned rows
         "paged_attention": layers,
         "rope_store_kv": layers,
+        "rms_norm_linear": 2,  # the first layer's input norm (no residual yet) and the final norm + LM head
+        "add_rms_norm_linear": 2 * layers - 1,
+        "silu_and_mul_fused": layers,
     }
 
 
@@ -120,6 +123,7 @@ def test_cli_print_ir_shows_each_pass(smollm2_gguf) -> None:
     assert labels == ["captured"] + [f"after {name}" for name, _ in DEFAULT_PASSES]
     captured, final = sections[1], sections[-1]
     assert captured.count("= sglc.attention(") == 30 and "sglc.fused_add_rms_norm" not in captured
-    assert final.count("= sglc.fused_add_rms_norm(") == 59 and final.count("= sglc.paged_attention(") == 30
+    assert final.count("= sglc.add_rms_norm_linear(") == 59 and final.count("= sglc.paged_attention(") == 30
     assert final.count("= sglc.rope_store_kv(") == 30 and "= sglc.rope(" not in final
-    assert final.count("qkv_proj_weight)") == 30 and "fuse_add_rms_norm: fused_add_rms_norm=59" in r.stdout
+    assert "= sglc.fused_add_rms_norm(" not in final and "= sglc.silu_and_mul(" not in final
+    assert final.count("qkv_proj_weight, None, 'none')") == 30 and "fused_add_rms_norm=59" in r.stdout

@@ -15,12 +15,14 @@ def cuda_kernels() -> dict:
     """{op overload: its CUDA launcher} (same signature as the op)."""
     import torch
 
-    from sgl_compile.codegen import activation, attention, fp8, norm, quant_gemm, rope
+    from sgl_compile.codegen import activation, attention, fp8, norm, norm_linear, quant_gemm, rope
 
     ops = {
         torch.ops.sglc.rms_norm: norm.rms_norm,
         torch.ops.sglc.fused_add_rms_norm: norm.fused_add_rms_norm,
         torch.ops.sglc.silu_and_mul: activation.silu_and_mul,
+        torch.ops.sglc.rms_norm_linear: norm_linear.rms_norm_linear,
+        torch.ops.sglc.add_rms_norm_linear: norm_linear.add_rms_norm_linear,
         torch.ops.sglc.rope: rope.rope,
         torch.ops.sglc.rope_store_kv: rope.rope_store_kv,
         torch.ops.sglc.paged_attention: attention.paged_attention,

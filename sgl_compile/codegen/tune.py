@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sgl_compile.codegen import activation, attention, autotune, norm, quant_gemm, rope
+from sgl_compile.codegen import activation, attention, autotune, norm, norm_linear, quant_gemm, rope
 from sgl_compile.ir import quant
 
 if TYPE_CHECKING:  # codegen reads a model's dimensions; it imports nothing from models at run time
@@ -94,6 +94,8 @@ def model_cases(
         )  # fmt: skip
         if quantization:
             yield from _gemm_cases(cfg, randn, t, quantization)
+        if t <= norm_linear.MAX_FUSED_ROWS:
+            yield from _norm_linear_cases(cfg, randn, x, res, w, quantization)
     yield from _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens)
 
 
@@ -134,6 +136,27 @@ def _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens) -
         "extend_attention", attention.extend_attention_key(t, 1, hq, hkv, d, kc.dtype),
         lambda c: attention.extend_attention(q, kc, vc, 0, qo, kv, indices, d**-0.5, c),
         attention.CONFIG_SPACE["extend_attention"],
+    )  # fmt: skip
+
+
+def _norm_linear_cases(cfg, randn, x, res, norm_w, quantization) -> Iterator[TuneCase]:
+    """The fused norm + GEMV at decode's few rows: into qkv and gate_up (unless quantized: those are then
+    quantized linears, not fused) and the final norm into the LM head."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    shapes = [] if quantization else [((cfg.num_heads + 2 * cfg.num_kv_heads) * d, "none"),
+                                      (2 * cfg.intermediate_size, "silu_and_mul")]  # fmt: skip
+    for n, act in shapes:
+        w = randn(n, h) * 0.02
+        yield TuneCase(
+            "norm_linear", norm_linear.norm_linear_key(x, w, act, True),
+            lambda c, w=w, act=act: norm_linear.add_rms_norm_linear(x, res, norm_w, 1e-6, w, None, act, c),
+            norm_linear.CONFIG_SPACE["norm_linear"],
+        )  # fmt: skip
+    head = randn(cfg.vocab_size, h) * 0.02
+    yield TuneCase(
+        "norm_linear", norm_linear.norm_linear_key(x, head, "none", False),
+        lambda c: norm_linear.rms_norm_linear(x, norm_w, 1e-6, head, None, "none", c),
+        norm_linear.CONFIG_SPACE["norm_linear"],
     )  # fmt: skip
 
 

@@ -5,11 +5,13 @@ Importing this package registers the ops with torch, so `torch.ops.sglc.*` exist
 
 from sgl_compile.ir.ops import (
     ALL_OPS,
+    add_rms_norm_linear,
     attention,
     embedding,
     fused_add_rms_norm,
     paged_attention,
     rms_norm,
+    rms_norm_linear,
     rope,
     rope_store_kv,
     silu_and_mul,
@@ -25,6 +27,7 @@ from sgl_compile.ir.quant import (
 
 __all__ = [
     "ALL_OPS",
+    "add_rms_norm_linear",
     "QUANT_OPS",
     "attention",
     "embedding",
@@ -35,6 +38,7 @@ __all__ = [
     "paged_attention",
     "quantize_fp8_per_token",
     "rms_norm",
+    "rms_norm_linear",
     "rope",
     "rope_store_kv",
     "silu_and_mul",

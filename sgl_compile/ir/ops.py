@@ -79,6 +79,56 @@ def _(x: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
+NORM_LINEAR_ACTIVATIONS = ("none", "silu_and_mul")
+
+
+def _linear_activation(h: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    if activation not in NORM_LINEAR_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {NORM_LINEAR_ACTIVATIONS}, not {activation!r}")
+    out = torch.nn.functional.linear(h, weight, bias)
+    return silu_and_mul(out) if activation == "silu_and_mul" else out
+
+
+@torch.library.custom_op("sglc::rms_norm_linear", mutates_args=())
+def rms_norm_linear(
+    x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None, activation: str
+) -> Tensor:
+    """activation(linear(rms_norm(x), weight, bias)): a norm and the projection that reads it (the final
+    norm and the LM head); activation "none" or "silu_and_mul" (the gated MLP's gate_up projection)."""
+    return _linear_activation(rms_norm(x, norm_weight, eps), weight, bias, activation)
+
+
+def _norm_linear_shape(x: Tensor, weight: Tensor, activation: str) -> list[int]:
+    n = weight.shape[0] // 2 if activation == "silu_and_mul" else weight.shape[0]
+    return [*x.shape[:-1], n]
+
+
+@rms_norm_linear.register_fake
+def _(x, norm_weight, eps, weight, bias, activation) -> Tensor:
+    return x.new_empty(_norm_linear_shape(x, weight, activation))
+
+
+@torch.library.custom_op("sglc::add_rms_norm_linear", mutates_args=())
+def add_rms_norm_linear(
+    x: Tensor,
+    residual: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str,
+) -> tuple[Tensor, Tensor]:
+    """(activation(linear(rms_norm(x + residual), weight, bias)), x + residual): a pre-norm block's
+    residual add, its norm and the projection that reads the normed rows, as one op."""
+    normed, summed = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return _linear_activation(normed, weight, bias, activation), summed
+
+
+@add_rms_norm_linear.register_fake
+def _(x, residual, norm_weight, eps, weight, bias, activation) -> tuple[Tensor, Tensor]:
+    return x.new_empty(_norm_linear_shape(x, weight, activation)), torch.empty_like(x)
+
+
 @torch.library.custom_op("sglc::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Causal self-attention over one sequence: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D].
@@ -230,4 +280,6 @@ ALL_OPS = {
     "embedding": embedding,
     "paged_attention": paged_attention,
     "rope_store_kv": rope_store_kv,
+    "rms_norm_linear": rms_norm_linear,
+    "add_rms_norm_linear": add_rms_norm_linear,
 }

@@ -1,6 +1,7 @@
 """FX graph -> FX graph rewrites, applied in a fixed order by the pass manager."""
 
 from sgl_compile.passes.fuse_add_rms_norm import fuse_add_rms_norm
+from sgl_compile.passes.fuse_norm_linear import fuse_norm_linear
 from sgl_compile.passes.fuse_rope_store_kv import fuse_rope_store_kv
 from sgl_compile.passes.lower_attention import BATCH_INPUTS, lower_attention
 from sgl_compile.passes.manager import Pass, PassReport, run_passes
@@ -18,7 +19,10 @@ DEFAULT_PASSES: list[tuple[str, Pass]] = [
     ("fuse_add_rms_norm", fuse_add_rms_norm),
     ("lower_attention", lower_attention),
     ("fuse_rope_store_kv", fuse_rope_store_kv),
+    ("fuse_norm_linear", fuse_norm_linear),
 ]
+# Weight quantization goes before these: they fuse only projections that stay `aten.linear`.
+_AFTER_QUANTIZATION = {"fuse_norm_linear"}
 
 
 def pipeline(quantization: str | None = None, tokenizer: Tokenizer | None = None) -> list[tuple[str, Pass]]:
@@ -27,7 +31,9 @@ def pipeline(quantization: str | None = None, tokenizer: Tokenizer | None = None
     check_method(quantization)
     if not quantization:
         return list(DEFAULT_PASSES)
-    return [*DEFAULT_PASSES, (f"quantize_{quantization}", quantize(quantization, tokenizer))]
+    before = [p for p in DEFAULT_PASSES if p[0] not in _AFTER_QUANTIZATION]
+    after = [p for p in DEFAULT_PASSES if p[0] in _AFTER_QUANTIZATION]
+    return [*before, (f"quantize_{quantization}", quantize(quantization, tokenizer)), *after]
 
 
 __all__ = [

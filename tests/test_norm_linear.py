@@ -1,0 +1,130 @@
+"""The fused norm + GEMV kernel (codegen/norm_linear.py) against the reference ops, and its pass.
+
+On CPU the kernel runs through the Triton interpreter in fp32 and fp16 (its bf16 dot is wrong); on
+CUDA bf16 too, plus the launcher's own choice between the fused kernel and the unfused ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgl_compile.codegen import norm_linear
+from tests.test_kernels import CUDA, DEVICE, DTYPES, UNIT_ROUNDOFF, _gen, _randn, _ref
+
+configs = st.sampled_from(
+    [
+        {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+        {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 2, "num_stages": 3},
+        {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+    ]
+)
+
+
+def _bounds(x, residual, norm_w, eps, w, bias, activation, out):
+    """Per-element bound on |kernel - reference| (both computed from the same inputs).
+
+    The GEMM's input row h = rms_norm(x (+ r)) may differ by one rounding (an ulp, 2u relative) where
+    the fp32 norm lands on a tie differently; its K products are summed in other orders (K u32 of
+    S = |h| @ |w|.T + |bias| each side); each side rounds the GEMM output once (u |pre| each). The
+    gate multiplies two such values, silu' is below 1.1 in magnitude.
+    """
+    u, u32 = UNIT_ROUNDOFF[out.dtype], UNIT_ROUNDOFF[torch.float32]
+    s_in = x.float().cpu() + (residual.float().cpu() if residual is not None else 0)
+    h = torch.ops.sglc.rms_norm(s_in.to(x.dtype), norm_w.cpu(), eps).float()
+    s = h.abs() @ w.float().abs().cpu().T + (bias.float().abs().cpu() if bias is not None else 0)
+    pre = h @ w.float().cpu().T + (bias.float().cpu() if bias is not None else 0)
+    bound = (2 * x.shape[-1] + 8) * u32 * s + 2 * u * s + 2 * u * pre.abs() + 1e-6
+    if activation == "none":
+        return bound
+    n = w.shape[0] // 2
+    g, up, bg, bu = pre[:, :n], pre[:, n:], bound[:, :n], bound[:, n:]
+    silu = torch.nn.functional.silu(g)
+    return 1.1 * bg * (up.abs() + bu) + silu.abs() * bu + 4 * u * (silu * up).abs() + 1e-6
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    m=st.sampled_from([1, 3, 16]),
+    n=st.sampled_from([16, 40, 96]),
+    k=st.sampled_from([32, 72, 200]),
+    dtype=st.sampled_from(DTYPES),
+    residual=st.booleans(),
+    has_bias=st.booleans(),
+    activation=st.sampled_from(["none", "silu_and_mul"]),
+    config=configs,
+)
+def test_fused_kernel_matches_the_reference(seed, m, n, k, dtype, residual, has_bias, activation, config):
+    g = _gen(seed)
+    x, r = _randn(g, m, k, dtype=dtype, scale=2), _randn(g, m, k, dtype=dtype)
+    norm_w, w = _randn(g, k, dtype=dtype), _randn(g, n, k, dtype=dtype, scale=0.1)
+    bias = _randn(g, n, dtype=dtype) if has_bias else None
+    if residual:
+        out, summed = norm_linear.add_rms_norm_linear(x, r, norm_w, 1e-6, w, bias, activation, config)
+        ref_out, ref_summed = _ref(
+            torch.ops.sglc.add_rms_norm_linear, x, r, norm_w, 1e-6, w, bias, activation
+        )
+        torch.testing.assert_close(summed, ref_summed, rtol=0, atol=0)  # one fp32 add, one rounding
+    else:
+        out = norm_linear.rms_norm_linear(x, norm_w, 1e-6, w, bias, activation, config)
+        ref_out = _ref(torch.ops.sglc.rms_norm_linear, x, norm_w, 1e-6, w, bias, activation)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    err = (out.float() - ref_out.float()).abs().cpu()
+    bound = _bounds(x, r if residual else None, norm_w, 1e-6, w, bias, activation, out)
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+def test_leading_dims_and_bad_activation():
+    g = _gen(1)
+    x, norm_w, w = _randn(g, 2, 3, 64), _randn(g, 64), _randn(g, 48, 64, scale=0.1)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    out = norm_linear.rms_norm_linear(x, norm_w, 1e-6, w, None, "silu_and_mul", cfg)
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(
+        out, _ref(torch.ops.sglc.rms_norm_linear, x, norm_w, 1e-6, w, None, "silu_and_mul")
+    )
+    with pytest.raises(ValueError, match="activation"):
+        norm_linear.rms_norm_linear(x, norm_w, 1e-6, w, None, "gelu", cfg)
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.sglc.rms_norm_linear(x.cpu(), norm_w.cpu(), 1e-6, w.cpu(), None, "gelu")
+
+
+def test_only_a_few_16_bit_rows_on_cuda_take_the_fused_kernel():
+    w = torch.empty(32, 64, dtype=torch.bfloat16)
+    assert not norm_linear.fusable(torch.empty(1, 64, dtype=torch.bfloat16), w)  # CPU: the reference
+    if CUDA:
+        dev = torch.device("cuda")
+        wc = torch.empty(32, 64, dtype=torch.bfloat16, device=dev)
+        assert norm_linear.fusable(torch.empty(16, 64, dtype=torch.bfloat16, device=dev), wc)
+        assert not norm_linear.fusable(torch.empty(17, 64, dtype=torch.bfloat16, device=dev), wc)
+        assert not norm_linear.fusable(torch.empty(4, 64, device=dev), wc.float())  # fp32: cuBLAS
+
+
+def test_heuristic_widens_column_blocks_only_while_the_sms_stay_busy():
+    cpu = torch.device("cpu")  # 132 SMs assumed off the GPU
+    assert norm_linear._heuristic(3072, 2048, cpu)["BLOCK_N"] == 16  # qkv of a 1B model: 192 programs
+    assert norm_linear._heuristic(128256, 2048, cpu)["BLOCK_N"] == 128  # an LM head: ~1000 programs
+    assert norm_linear._heuristic(100, 72, cpu)["BLOCK_K"] == 128
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the launcher's dispatch and bf16")
+@pytest.mark.parametrize("m", [1, 4, 16, 17, 300])
+@pytest.mark.parametrize("n,k,activation", [(3072, 2048, "none"), (16384, 2048, "silu_and_mul")])
+def test_model_shapes_bf16_both_paths(m, n, k, activation):
+    """The launcher's own config (the heuristic or a tuned one) at a 1B model's shapes; above 16 rows
+    the unfused kernels run."""
+    g = _gen(0)
+    dtype = torch.bfloat16
+    x, r = _randn(g, m, k, dtype=dtype), _randn(g, m, k, dtype=dtype)
+    norm_w, w = _randn(g, k, dtype=dtype), _randn(g, n, k, dtype=dtype, scale=0.02)
+    out, summed = norm_linear.add_rms_norm_linear(x, r, norm_w, 1e-5, w, None, activation)
+    ref_out, ref_summed = _ref(torch.ops.sglc.add_rms_norm_linear, x, r, norm_w, 1e-5, w, None, activation)
+    torch.testing.assert_close(summed, ref_summed, rtol=0, atol=0)
+    err = (out.float() - ref_out.float()).abs().cpu()
+    bound = _bounds(x, r, norm_w, 1e-5, w, None, activation, out)
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+    assert DEVICE == "cuda"
