@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sgl_compile.codegen import activation as act_kernels
 from sgl_compile.codegen import autotune, norm
+from sgl_compile.ir.ops import check_norm_linear_activation
 
 Config = dict[str, int]
 
@@ -171,8 +172,6 @@ def _fused(
     activation: str,
     config: Config | None,
 ) -> tuple[Tensor, Tensor | None]:
-    if activation not in ("none", "silu_and_mul"):
-        raise ValueError(f"activation must be 'none' or 'silu_and_mul', not {activation!r}")
     n, k = weight.shape
     gated = activation == "silu_and_mul"
     n_out = n // 2 if gated else n
@@ -231,6 +230,7 @@ def rms_norm_linear(
     config: Config | None = None,
 ) -> Tensor:
     """`sglc::rms_norm_linear`: activation(linear(rms_norm(x), weight, bias))."""
+    check_norm_linear_activation(activation)
     if fusable(x, weight) or config is not None:
         return _fused(x, None, norm_weight, eps, weight, bias, activation, config)[0]
     return _linear_activation(norm.rms_norm(x, norm_weight, eps), weight, bias, activation)
@@ -247,6 +247,7 @@ def add_rms_norm_linear(
     config: Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sglc::add_rms_norm_linear`: (activation(linear(rms_norm(x + residual), ...)), x + residual)."""
+    check_norm_linear_activation(activation)
     if fusable(x, weight) or config is not None:
         out, summed = _fused(x, residual, norm_weight, eps, weight, bias, activation, config)
         assert summed is not None

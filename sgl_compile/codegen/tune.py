@@ -70,7 +70,12 @@ def model_cases(
 
     h, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cos_sin = torch.randn(context, d, generator=gen, device=device)
-    for t in sorted({*batch_sizes, prefill_tokens}):
+    sizes = sorted({*batch_sizes, prefill_tokens})
+    # Made once: the LM head alone is a GiB at 8B shapes, and each case's closure keeps its tensors.
+    projections = (
+        _norm_linear_weights(cfg, randn, quantization) if sizes[0] <= norm_linear.MAX_FUSED_ROWS else []
+    )
+    for t in sizes:
         x, res, w = randn(t, h), randn(t, h), randn(h)
         yield TuneCase("rms_norm", norm.rms_norm_key(x), lambda c, x=x, w=w: norm.rms_norm(x, w, 1e-6, c),
                        norm.CONFIG_SPACE["rms_norm"])  # fmt: skip
@@ -95,7 +100,7 @@ def model_cases(
         if quantization:
             yield from _gemm_cases(cfg, randn, t, quantization)
         if t <= norm_linear.MAX_FUSED_ROWS:
-            yield from _norm_linear_cases(cfg, randn, x, res, w, quantization)
+            yield from _norm_linear_cases(projections, x, res, w)
     yield from _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens)
 
 
@@ -139,25 +144,25 @@ def _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens) -
     )  # fmt: skip
 
 
-def _norm_linear_cases(cfg, randn, x, res, norm_w, quantization) -> Iterator[TuneCase]:
-    """The fused norm + GEMV at decode's few rows: into qkv and gate_up (unless quantized: those are then
-    quantized linears, not fused) and the final norm into the LM head."""
+def _norm_linear_weights(cfg, randn, quantization) -> list[tuple[Tensor, str, bool]]:
+    """(weight, activation, residual or not) of the fused norm + GEMV's calls: into qkv and gate_up
+    (unless quantized: those are then quantized linears, not fused) and the final norm into the LM head."""
     h, d = cfg.hidden_size, cfg.head_dim
-    shapes = [] if quantization else [((cfg.num_heads + 2 * cfg.num_kv_heads) * d, "none"),
-                                      (2 * cfg.intermediate_size, "silu_and_mul")]  # fmt: skip
-    for n, act in shapes:
-        w = randn(n, h) * 0.02
-        yield TuneCase(
-            "norm_linear", norm_linear.norm_linear_key(x, w, act, True),
-            lambda c, w=w, act=act: norm_linear.add_rms_norm_linear(x, res, norm_w, 1e-6, w, None, act, c),
-            norm_linear.CONFIG_SPACE["norm_linear"],
-        )  # fmt: skip
-    head = randn(cfg.vocab_size, h) * 0.02
-    yield TuneCase(
-        "norm_linear", norm_linear.norm_linear_key(x, head, "none", False),
-        lambda c: norm_linear.rms_norm_linear(x, norm_w, 1e-6, head, None, "none", c),
-        norm_linear.CONFIG_SPACE["norm_linear"],
-    )  # fmt: skip
+    fused = [] if quantization else [((cfg.num_heads + 2 * cfg.num_kv_heads) * d, "none", True),
+                                     (2 * cfg.intermediate_size, "silu_and_mul", True)]  # fmt: skip
+    return [(randn(n, h) * 0.02, act, res) for n, act, res in [*fused, (cfg.vocab_size, "none", False)]]
+
+
+def _norm_linear_cases(projections, x, res, norm_w) -> Iterator[TuneCase]:
+    for w, act, has_res in projections:
+        if has_res:
+            run = lambda c, w=w, act=act: norm_linear.add_rms_norm_linear(
+                x, res, norm_w, 1e-6, w, None, act, c
+            )  # noqa: E731
+        else:
+            run = lambda c, w=w, act=act: norm_linear.rms_norm_linear(x, norm_w, 1e-6, w, None, act, c)  # noqa: E731
+        yield TuneCase("norm_linear", norm_linear.norm_linear_key(x, w, act, has_res), run,
+                       norm_linear.CONFIG_SPACE["norm_linear"])  # fmt: skip
 
 
 GEMM_KERNELS = {"int8": "linear_w8a16", "int4": "linear_w4a16", "fp8": "linear_fp8"}

@@ -82,9 +82,13 @@ def _(x: Tensor) -> Tensor:
 NORM_LINEAR_ACTIVATIONS = ("none", "silu_and_mul")
 
 
-def _linear_activation(h: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+def check_norm_linear_activation(activation: str) -> None:
     if activation not in NORM_LINEAR_ACTIVATIONS:
         raise ValueError(f"activation must be one of {NORM_LINEAR_ACTIVATIONS}, not {activation!r}")
+
+
+def _linear_activation(h: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    check_norm_linear_activation(activation)
     out = torch.nn.functional.linear(h, weight, bias)
     return silu_and_mul(out) if activation == "silu_and_mul" else out
 
