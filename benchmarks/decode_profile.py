@@ -59,18 +59,22 @@ def main() -> None:
     for _ in range(5):  # settle into decode
         sched.step()
 
+    # A launched step's device work: from its forward's first kernel to its sampler's last.
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-    launch = sched._launch
+    forward, sample = sched._forward, sched._sample
 
-    def timed_launch(batch):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def timed_forward(batch):
+        start = torch.cuda.Event(enable_timing=True)
         start.record()
-        out = launch(batch)
-        end.record()
-        events.append((start, end))
+        events.append((start, torch.cuda.Event(enable_timing=True)))
+        return forward(batch)
+
+    def timed_sample(queued):
+        out = sample(queued)
+        events[-1][1].record()
         return out
 
-    sched._launch = timed_launch
+    sched._forward, sched._sample = timed_forward, timed_sample
     walls = []
     for _ in range(args.steps // 2):
         t = time.perf_counter()
@@ -90,7 +94,7 @@ def main() -> None:
     # Kernels per step and their summed time: against the step's device time, the rest is gaps.
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernel_us_per_step = sum(e.device_time for e in kernels) / 10
-    sched._launch = launch
+    sched._forward, sched._sample = forward, sample
     while sched.has_work():
         sched.step()
 

@@ -7,8 +7,8 @@ gate, and the final norm + LM head; unfused = the Triton norm, cuBLAS (F.linear)
 (three launches, as the program ran before the fusion); fused = one launch with the heuristic config
 (and, with --sweep, the best of the tuner's candidates). Each timing cycles through enough copies of
 the weight to exceed L2, so every call streams its weight from HBM as a decode step does; the GB/s
-are weight bytes over time. The plain projections (o_proj, down) are timed through cuBLAS for
-comparison, since they are not fused.
+are weight bytes over time. The plain projections (o_proj, down): cuBLAS against the same GEMV
+kernel without its norm.
 """
 
 from __future__ import annotations
@@ -98,12 +98,31 @@ def main() -> None:
                       f"{mb * 1e3 / t_fused:6.0f} {best}")  # fmt: skip
         for op, n, k in (("o_proj", h, c.num_heads * c.head_dim), ("down", h, c.intermediate_size)):
             ws = weights(n, k)
+            mb = n * k * 2 / 1e6
             for m in rows_list:
                 x = torch.randn(m, k, device=DEV, dtype=DT)
                 t = per_call_us(lambda i, x=x, ws=ws: F.linear(x, ws[i]), len(ws))
-                mb = n * k * 2 / 1e6
-                results.append({"model": name, "op": op, "m": m, "weight_mb": mb, "cublas_us": t})
-                print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t:10.1f} {'(cuBLAS)':>9} {mb * 1e3 / t:6.0f}")
+                cfg = norm_linear._heuristic(n, k, torch.device(DEV))
+                t_gemv = per_call_us(
+                    lambda i, x=x, ws=ws, cfg=cfg: norm_linear.linear(x, ws[i], None, cfg), len(ws)
+                )
+                row = {"model": name, "op": op, "m": m, "weight_mb": mb, "cublas_us": t, "gemv_us": t_gemv,
+                       "heuristic": cfg}  # fmt: skip
+                best = ""
+                if args.sweep:
+                    timed = []
+                    for cand in norm_linear.CONFIG_SPACE["norm_linear"]:
+                        try:
+                            run = lambda i, x=x, ws=ws, cand=cand: norm_linear.linear(x, ws[i], None, cand)  # noqa: E731
+                            timed.append((per_call_us(run, len(ws)), cand))
+                        except Exception as e:  # noqa: BLE001 - a candidate may exceed shared memory
+                            print("skipped", cand, repr(e)[:100])
+                    t_best, c_best = min(timed, key=lambda t: t[0])
+                    row.update(best_us=t_best, best=c_best)
+                    best = f"{t_best:8.1f} {c_best}"
+                results.append(row)
+                print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t:10.1f} {t_gemv:9.1f} {mb * 1e3 / t_gemv:6.0f} {best}"
+                      "  (unfused = cuBLAS, fused = the GEMV without a norm)")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

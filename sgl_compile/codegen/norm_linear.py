@@ -4,14 +4,19 @@ Layouts: x (and residual) [..., K] with unit stride along K, viewed as rows [M, 
 weight row-major [N, K] (nn.Linear's); bias [N] or None; out [..., N] (silu_and_mul: [..., N / 2],
 gate rows first, up rows second, as the merged gate/up weight is stacked).
 
-Decode steps of a few tokens (M <= MAX_FUSED_ROWS): one kernel per op. Each program owns BLOCK_N
-output columns of every row and walks K twice: first the sum of squares of each row of x (+ residual;
-a few KiB that stay in L1/L2), then the normed rows times its BLOCK_N weight rows. Every program
-recomputes the norm instead of reading it from another kernel: M x K extra FLOPs against a GEMV that
-streams N x K weight bytes. Program 0 writes the residual sum. With silu_and_mul each program also
-owns the matching up rows and applies the gate before storing. Rounding points are the reference's:
-the residual sum, the normed row and its product with the norm weight in x's dtype, the GEMM output
-in x's dtype, then silu rounded before the multiply.
+Batch-1 decode steps of wide projections (`fusable`; a passed config forces it, up to 16 rows): one
+kernel per op. Each program owns BLOCK_N
+output columns of every row and walks K once: it accumulates each row's sum of squares of x (+
+residual) and the dot products of x * norm weight with its BLOCK_N weight rows, and scales those by
+the row's rstd at the end (rstd is one scalar per row, so it factors out of the dot product). So the
+weight stream starts at the first instruction, with no norm pass before it; every program recomputes
+the norm's sum (M x K FLOPs against N x K weight bytes streamed). Program 0 writes the residual sum.
+With silu_and_mul each program also owns the matching up rows and applies the gate before storing.
+One row (batch-1 decode) multiplies in fp32 on CUDA cores; 2..16 rows take a 16-row MMA tile, its
+input x * norm weight rounded to x's dtype. Against the reference (normed row rounded, times the norm
+weight rounded) that moves where the GEMM input is rounded: one rounding of x * w instead of two,
+then the fp32 rstd, so the result may differ by about one more rounding of the GEMM input. The
+residual sum, the GEMM output in x's dtype and silu rounded before the multiply are the reference's.
 
 More rows, fp32 (whose reference GEMM is an IEEE fp32 matmul), or anything else: the unfused kernels
 (the Triton norm, cuBLAS, the Triton gate), so prefill runs exactly what it ran before the fusion.
@@ -31,7 +36,12 @@ from sgl_compile.ir.ops import check_norm_linear_activation
 
 Config = dict[str, int]
 
-MAX_FUSED_ROWS = 16  # one BLOCK_M = 16 tile, the smallest `tl.dot` takes
+# Where the fused kernel measured at least as fast as the unfused ones (docs/benchmarks.md, H200):
+# one row, and projections of at least 8192 outputs (the gate/up and LM-head shapes of 1B-8B
+# models). Narrower ones (qkv) lose: too few programs keep too few bytes in flight without split-K;
+# 2-16 rows through the 16-row MMA tile ran 3-5x slower than cuBLAS.
+MAX_FUSED_ROWS = 1
+MIN_FUSED_OUTPUTS = 8192
 
 CONFIG_SPACE: dict[str, list[Config]] = {
     "norm_linear": [
@@ -44,12 +54,14 @@ CONFIG_SPACE: dict[str, list[Config]] = {
 }
 
 
-def norm_linear_key(x: Tensor, weight: Tensor, activation: str, has_residual: bool) -> tuple:
-    """Tuning key: N, K, gated or not, residual or not, x dtype, power-of-two bucket of M."""
+def norm_linear_key(
+    x: Tensor, weight: Tensor, activation: str, has_residual: bool, has_norm: bool = True
+) -> tuple:
+    """Tuning key: N, K, gated or not, residual or not, norm or not, x dtype, power-of-two bucket of M."""
     m = x.numel() // max(1, x.shape[-1])
     bucket = 1 << max(0, m - 1).bit_length()
     dtype = str(x.dtype).removeprefix("torch.")
-    return (weight.shape[0], weight.shape[1], activation, int(has_residual), dtype, bucket)
+    return (weight.shape[0], weight.shape[1], activation, int(has_residual), int(has_norm), dtype, bucket)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -74,6 +86,17 @@ def _summed(X, R, offs_m, offs_k, mask, stride_xm, stride_rm, HAS_RESIDUAL: tl.c
 
 
 @triton.jit
+def _row_dot(h, w, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """h [BLOCK_M, BLOCK_K] times w [BLOCK_N, BLOCK_K] transposed, in fp32. One row (batch-1 decode)
+    is a broadcast multiply and a row sum on CUDA cores; more take the MMA's 16-row tile."""
+    if BLOCK_M == 1:
+        out = tl.sum(w.to(tl.float32) * h.to(tl.float32), axis=1)[None, :]
+    else:  # not an early return: Triton compiles the statements after a constexpr `if` too
+        out = tl.dot(h, tl.trans(w), input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _norm_gemv_kernel(
     X,
     R,
@@ -91,6 +114,7 @@ def _norm_gemv_kernel(
     stride_om,
     stride_sm,
     eps,
+    HAS_NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
@@ -103,36 +127,40 @@ def _norm_gemv_kernel(
     dtype = X.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    # Pass 1: each row's sum of squares (program 0 also stores the residual sum).
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_m[:, None] & (offs_k < K)[None, :]
-        x = _summed(X, R, offs_m, offs_k, mask, stride_xm, stride_rm, HAS_RESIDUAL).to(tl.float32)
-        squares += tl.sum(x * x, axis=1)
-        if HAS_RESIDUAL:  # noqa: SIM102 - HAS_RESIDUAL is a compile-time branch, pid a run-time one
-            if pid == 0:
-                tl.store(S + offs_m[:, None] * stride_sm + offs_k[None, :], x.to(dtype), mask=mask)
-    rstd = tl.math.rsqrt(squares / K + eps)
-    # Pass 2: normed rows times this program's weight rows (and their up rows when gated).
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    # One walk over K: rstd is a per-row scalar, so it scales the finished dot products instead of
+    # the inputs and the weight stream starts at once (program 0 also stores the residual sum).
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_m[:, None] & mask_k[None, :]
-        x = _summed(X, R, offs_m, offs_k, mask, stride_xm, stride_rm, HAS_RESIDUAL).to(tl.float32)
-        nw = tl.load(NW + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        h = ((x * rstd[:, None]).to(dtype).to(tl.float32) * nw[None, :]).to(dtype)
+        xs = _summed(X, R, offs_m, offs_k, mask, stride_xm, stride_rm, HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # noqa: SIM102 - HAS_RESIDUAL is a compile-time branch, pid a run-time one
+            if pid == 0:
+                tl.store(S + offs_m[:, None] * stride_sm + offs_k[None, :], xs, mask=mask)
+        x = xs.to(tl.float32)
+        if HAS_NORM:
+            squares += tl.sum(x * x, axis=1)
+            h = x * tl.load(NW + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        else:
+            h = x
+        if BLOCK_M > 1:
+            h = h.to(dtype)  # the MMA's input type
         w_mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
-        acc += tl.dot(h, tl.trans(w), input_precision=PRECISION)
+        acc += _row_dot(h, w, BLOCK_M, PRECISION)
         if SILU_MUL:
             w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-            acc_up += tl.dot(h, tl.trans(w_up), input_precision=PRECISION)
+            acc_up += _row_dot(h, w_up, BLOCK_M, PRECISION)
+    if HAS_NORM:
+        rstd = tl.math.rsqrt(squares / K + eps)
+        acc *= rstd[:, None]
+        acc_up *= rstd[:, None]
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if SILU_MUL:
@@ -150,22 +178,24 @@ def _rows(x: Tensor) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def fusable(x: Tensor, weight: Tensor) -> bool:
+def fusable(x: Tensor, weight: Tensor, activation: str = "none") -> bool:
     """Whether the fused kernel serves this call (else the unfused kernels do)."""
     rows = x.numel() // max(1, x.shape[-1])
+    n_out = weight.shape[0] // 2 if activation == "silu_and_mul" else weight.shape[0]
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and weight.dtype == x.dtype
         and weight.stride(-1) == 1
         and 0 < rows <= MAX_FUSED_ROWS
+        and n_out >= MIN_FUSED_OUTPUTS
     )
 
 
 def _fused(
     x: Tensor,
     residual: Tensor | None,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     eps: float,
     weight: Tensor,
     bias: Tensor | None,
@@ -176,7 +206,7 @@ def _fused(
     gated = activation == "silu_and_mul"
     n_out = n // 2 if gated else n
     if config is None:
-        key = norm_linear_key(x, weight, activation, residual is not None)
+        key = norm_linear_key(x, weight, activation, residual is not None, norm_weight is not None)
         config = autotune.get_config("norm_linear", key, lambda: _heuristic(n_out, k, x.device))
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
@@ -188,7 +218,7 @@ def _fused(
     _norm_gemv_kernel[(triton.cdiv(n_out, config["BLOCK_N"]),)](
         x2,
         r2,
-        norm_weight,
+        norm_weight if norm_weight is not None else weight,
         weight,
         bias if bias is not None else weight,
         out2,
@@ -202,10 +232,11 @@ def _fused(
         out2.stride(0),
         s2.stride(0),
         eps,
+        HAS_NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         SILU_MUL=gated,
-        BLOCK_M=MAX_FUSED_ROWS,
+        BLOCK_M=1 if x2.shape[0] == 1 else 16,  # 16: the smallest tile `tl.dot` takes
         BLOCK_N=config["BLOCK_N"],
         BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
@@ -231,7 +262,7 @@ def rms_norm_linear(
 ) -> Tensor:
     """`sglc::rms_norm_linear`: activation(linear(rms_norm(x), weight, bias))."""
     check_norm_linear_activation(activation)
-    if fusable(x, weight) or config is not None:
+    if fusable(x, weight, activation) or config is not None:
         return _fused(x, None, norm_weight, eps, weight, bias, activation, config)[0]
     return _linear_activation(norm.rms_norm(x, norm_weight, eps), weight, bias, activation)
 
@@ -248,9 +279,14 @@ def add_rms_norm_linear(
 ) -> tuple[Tensor, Tensor]:
     """`sglc::add_rms_norm_linear`: (activation(linear(rms_norm(x + residual), ...)), x + residual)."""
     check_norm_linear_activation(activation)
-    if fusable(x, weight) or config is not None:
+    if fusable(x, weight, activation) or config is not None:
         out, summed = _fused(x, residual, norm_weight, eps, weight, bias, activation, config)
         assert summed is not None
         return out, summed
     normed, summed = norm.fused_add_rms_norm(x, residual, norm_weight, eps)
     return _linear_activation(normed, weight, bias, activation), summed
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: Config | None = None) -> Tensor:
+    """A plain projection through the same GEMV (no norm): linear(x, weight, bias)."""
+    return _fused(x, None, None, 0.0, weight, bias, "none", config)[0]
