@@ -41,6 +41,19 @@ def weights(n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, device=DEV, dtype=DT) * 0.02 for _ in range(copies)]
 
 
+def sweep(fn_for_copy_and_config, copies: int, row: dict) -> str:
+    """Time every tuner candidate, record the fastest in `row`, return it as the table's last column."""
+    timed = []
+    for cand in norm_linear.CONFIG_SPACE["norm_linear"]:
+        try:
+            timed.append((per_call_us(lambda i, cand=cand: fn_for_copy_and_config(i, cand), copies), cand))
+        except Exception as e:  # noqa: BLE001 - a candidate may exceed shared memory
+            print("skipped", cand, repr(e)[:100])
+    t_best, c_best = min(timed, key=lambda t: t[0])
+    row.update(best_us=t_best, best=c_best)
+    return f"{t_best:8.1f} {c_best}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b,qwen3-0.6b")
@@ -82,17 +95,7 @@ def main() -> None:
                 t_fused = per_call_us(lambda i, cfg=cfg: fused(i, cfg), len(ws))
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "unfused_us": t_unfused,
                        "fused_us": t_fused, "heuristic": cfg}  # fmt: skip
-                best = ""
-                if args.sweep:
-                    timed = []
-                    for cand in norm_linear.CONFIG_SPACE["norm_linear"]:
-                        try:
-                            timed.append((per_call_us(lambda i, cand=cand: fused(i, cand), len(ws)), cand))
-                        except Exception as e:  # noqa: BLE001 - a candidate may exceed shared memory
-                            print("skipped", cand, repr(e)[:100])
-                    t_best, c_best = min(timed, key=lambda t: t[0])
-                    row.update(best_us=t_best, best=c_best)
-                    best = f"{t_best:8.1f} {c_best}"
+                best = sweep(fused, len(ws), row) if args.sweep else ""
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t_unfused:10.1f} {t_fused:9.1f} "
                       f"{mb * 1e3 / t_fused:6.0f} {best}")  # fmt: skip
@@ -102,24 +105,12 @@ def main() -> None:
             for m in rows_list:
                 x = torch.randn(m, k, device=DEV, dtype=DT)
                 t = per_call_us(lambda i, x=x, ws=ws: F.linear(x, ws[i]), len(ws))
+                gemv = lambda i, config, x=x, ws=ws: norm_linear.linear(x, ws[i], None, config)  # noqa: E731
                 cfg = norm_linear._heuristic(n, k, torch.device(DEV))
-                t_gemv = per_call_us(
-                    lambda i, x=x, ws=ws, cfg=cfg: norm_linear.linear(x, ws[i], None, cfg), len(ws)
-                )
+                t_gemv = per_call_us(lambda i, cfg=cfg, gemv=gemv: gemv(i, cfg), len(ws))
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "cublas_us": t, "gemv_us": t_gemv,
                        "heuristic": cfg}  # fmt: skip
-                best = ""
-                if args.sweep:
-                    timed = []
-                    for cand in norm_linear.CONFIG_SPACE["norm_linear"]:
-                        try:
-                            run = lambda i, x=x, ws=ws, cand=cand: norm_linear.linear(x, ws[i], None, cand)  # noqa: E731
-                            timed.append((per_call_us(run, len(ws)), cand))
-                        except Exception as e:  # noqa: BLE001 - a candidate may exceed shared memory
-                            print("skipped", cand, repr(e)[:100])
-                    t_best, c_best = min(timed, key=lambda t: t[0])
-                    row.update(best_us=t_best, best=c_best)
-                    best = f"{t_best:8.1f} {c_best}"
+                best = sweep(gemv, len(ws), row) if args.sweep else ""
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t:10.1f} {t_gemv:9.1f} {mb * 1e3 / t_gemv:6.0f} {best}"
                       "  (unfused = cuBLAS, fused = the GEMV without a norm)")  # fmt: skip
