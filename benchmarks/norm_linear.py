@@ -18,6 +18,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+import triton
 import triton.testing as tt
 
 from sgl_compile.codegen import activation, norm, norm_linear
@@ -41,16 +42,22 @@ def weights(n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, device=DEV, dtype=DT) * 0.02 for _ in range(copies)]
 
 
-def sweep(fn_for_copy_and_config, copies: int, row: dict) -> str:
-    """Time every tuner candidate, record the fastest in `row`, return it as the table's last column."""
-    timed = []
+def sweep(fn_for_copy_and_config, copies: int, k: int, row: dict) -> str:
+    """Time every tuner candidate (once per effective config: the launcher caps BLOCK_K at K), record
+    them all in `row`, fastest first, return the fastest as the table's last column."""
+    timed, seen = [], set()
     for cand in norm_linear.CONFIG_SPACE["norm_linear"]:
+        eff = {**cand, "BLOCK_K": min(cand["BLOCK_K"], triton.next_power_of_2(k))}
+        if tuple(eff.values()) in seen:
+            continue
+        seen.add(tuple(eff.values()))
         try:
             timed.append((per_call_us(lambda i, cand=cand: fn_for_copy_and_config(i, cand), copies), cand))
         except Exception as e:  # noqa: BLE001 - a candidate may exceed shared memory
             print("skipped", cand, repr(e)[:100])
-    t_best, c_best = min(timed, key=lambda t: t[0])
-    row.update(best_us=t_best, best=c_best)
+    timed.sort(key=lambda t: t[0])
+    t_best, c_best = timed[0]
+    row.update(best_us=t_best, best=c_best, timed=timed)
     return f"{t_best:8.1f} {c_best}"
 
 
@@ -59,9 +66,11 @@ def main() -> None:
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b,qwen3-0.6b")
     ap.add_argument("--rows", default="1,8,16")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-ops", default="qkv,gate_up,o_proj,down", help="the ops --sweep sweeps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
+    sweep_ops = set(args.sweep_ops.split(","))
     results = []
     print(f"{'model':14} {'op':9} {'M':>3} {'MB':>7} {'unfused us':>10} {'fused us':>9} {'GB/s':>6} "
           f"{'best us':>8} best config")  # fmt: skip
@@ -91,11 +100,12 @@ def main() -> None:
                     return norm_linear.rms_norm_linear(x, nw, 1e-5, ws[i], None, act, config)
 
                 t_unfused = per_call_us(unfused, len(ws))
-                cfg = norm_linear._heuristic(n // 2 if act == "silu_and_mul" else n, h, torch.device(DEV))
+                gated = act == "silu_and_mul"
+                cfg = norm_linear._heuristic(n // 2 if gated else n, h, torch.device(DEV), gated)
                 t_fused = per_call_us(lambda i, cfg=cfg: fused(i, cfg), len(ws))
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "unfused_us": t_unfused,
                        "fused_us": t_fused, "heuristic": cfg}  # fmt: skip
-                best = sweep(fused, len(ws), row) if args.sweep else ""
+                best = sweep(fused, len(ws), h, row) if args.sweep and op in sweep_ops else ""
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t_unfused:10.1f} {t_fused:9.1f} "
                       f"{mb * 1e3 / t_fused:6.0f} {best}")  # fmt: skip
@@ -110,7 +120,7 @@ def main() -> None:
                 t_gemv = per_call_us(lambda i, cfg=cfg, gemv=gemv: gemv(i, cfg), len(ws))
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "cublas_us": t, "gemv_us": t_gemv,
                        "heuristic": cfg}  # fmt: skip
-                best = sweep(gemv, len(ws), row) if args.sweep else ""
+                best = sweep(gemv, len(ws), k, row) if args.sweep and op in sweep_ops else ""
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t:10.1f} {t_gemv:9.1f} {mb * 1e3 / t_gemv:6.0f} {best}"
                       "  (unfused = cuBLAS, fused = the GEMV without a norm)")  # fmt: skip

@@ -19,6 +19,8 @@ configs = st.sampled_from(
         {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
         {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 2, "num_stages": 3},
         {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},  # fp32 tiles fit in smem
+        {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},  # decode's narrow blocks
+        {"BLOCK_N": 1, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},  # (widened to 16 for 2+ rows)
     ]
 )
 
@@ -118,26 +120,46 @@ def test_leading_dims_and_bad_activation():
         torch.ops.sglc.rms_norm_linear(x.cpu(), norm_w.cpu(), 1e-6, w.cpu(), None, "gelu")
 
 
-def test_only_one_16_bit_row_of_a_wide_projection_on_cuda_takes_the_fused_kernel():
-    w = torch.empty(8192, 64, dtype=torch.bfloat16)
+def test_only_one_16_bit_row_on_cuda_takes_the_gemv():
+    w = torch.empty(3072, 64, dtype=torch.bfloat16)
     assert not norm_linear.fusable(torch.empty(1, 64, dtype=torch.bfloat16), w)  # CPU: the reference
     if CUDA:
         dev = torch.device("cuda")
-        wc = torch.empty(8192, 64, dtype=torch.bfloat16, device=dev)
+        wc = w.to(dev)
         one = torch.empty(1, 64, dtype=torch.bfloat16, device=dev)
-        assert norm_linear.fusable(one, wc)
-        assert not norm_linear.fusable(one, wc, "silu_and_mul")  # 4096 outputs: cuBLAS measured faster
-        assert norm_linear.fusable(one, torch.cat([wc, wc]), "silu_and_mul")
-        assert not norm_linear.fusable(one, wc[:4096])  # a qkv-sized projection
+        assert norm_linear.fusable(one, wc) and norm_linear.fusable(one[None], wc)
         assert not norm_linear.fusable(torch.empty(2, 64, dtype=torch.bfloat16, device=dev), wc)
         assert not norm_linear.fusable(one.float(), wc.float())  # fp32: cuBLAS
+        assert not norm_linear.fusable(one, wc.T.contiguous().T)  # K not contiguous
 
 
-def test_heuristic_widens_column_blocks_only_while_the_sms_stay_busy():
+def test_heuristic_keeps_every_sm_busy():
     cpu = torch.device("cpu")  # 132 SMs assumed off the GPU
-    assert norm_linear._heuristic(3072, 2048, cpu)["BLOCK_N"] == 16  # qkv of a 1B model: 192 programs
-    assert norm_linear._heuristic(128256, 2048, cpu)["BLOCK_N"] == 128  # an LM head: ~1000 programs
-    assert norm_linear._heuristic(100, 72, cpu)["BLOCK_K"] == 128
+    h = norm_linear._heuristic
+    # plain: column blocks up to 16 wide while there are >= 4 programs an SM, K tiles up to 2048
+    assert h(3072, 2048, cpu) == {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 8, "num_stages": 1}  # 1B qkv
+    assert h(2048, 8192, cpu) == {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1}  # 1B down
+    assert h(128256, 2048, cpu) == {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}  # LM head
+    assert h(100, 72, cpu) == {"BLOCK_N": 1, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+    # gated (gate and up tiles per program): >= 2 programs an SM, 8192-element tiles
+    assert h(8192, 2048, cpu, gated=True) == {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1}
+    assert h(14336, 4096, cpu, gated=True)["BLOCK_N"] == 32
+
+
+def test_programs_bind_plain_linears_to_the_gemv_launcher():
+    """`bind_cuda_kernels` points a program's aten.linear at the GEMV's launcher, which falls back to
+    F.linear for what it does not serve (here: CPU tensors), bit for bit."""
+    from torch import fx
+
+    from sgl_compile.codegen import bind_cuda_kernels
+
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    g.output(g.call_function(torch.ops.aten.linear.default, (x, w)))
+    bound = bind_cuda_kernels(fx.GraphModule(torch.nn.Module(), g))
+    assert [n.target for n in bound.graph.nodes if n.op == "call_function"] == [norm_linear.linear]
+    xs, ws = _randn(_gen(2), 3, 64), _randn(_gen(3), 40, 64)
+    torch.testing.assert_close(bound(xs, ws), torch.nn.functional.linear(xs, ws), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -145,8 +167,8 @@ def test_heuristic_widens_column_blocks_only_while_the_sms_stay_busy():
 @pytest.mark.parametrize("m", [1, 4, 16, 17, 300])
 @pytest.mark.parametrize("n,k,activation", [(3072, 2048, "none"), (16384, 2048, "silu_and_mul")])
 def test_model_shapes_bf16_both_paths(m, n, k, activation):
-    """The launcher's own choice at a 1B model's shapes: the fused kernel (heuristic or tuned config)
-    for one row of the gate/up projection, the unfused kernels otherwise."""
+    """The launcher's own choice at a 1B model's shapes (qkv, gate/up): the fused kernel (heuristic or
+    tuned config) for one row, the unfused kernels otherwise."""
     g = _gen(0)
     dtype = torch.bfloat16
     x, r = _randn(g, m, k, dtype=dtype), _randn(g, m, k, dtype=dtype)
@@ -158,3 +180,22 @@ def test_model_shapes_bf16_both_paths(m, n, k, activation):
     bound = _bounds(x, r, norm_w, 1e-5, w, None, activation, out)
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
     assert DEVICE == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the launcher's dispatch and bf16")
+@pytest.mark.parametrize("m", [1, 4, 300])
+@pytest.mark.parametrize("n,k", [(2048, 2048), (2048, 8192)])
+def test_plain_projection_shapes_bf16_both_paths(m, n, k):
+    """o_proj and down of a 1B model through the `aten.linear` launcher: the GEMV for one row (within
+    fp32 summation of the exact products), cuBLAS itself for more."""
+    g = _gen(4)
+    x, w = _randn(g, m, k, dtype=torch.bfloat16), _randn(g, n, k, dtype=torch.bfloat16, scale=0.02)
+    out = norm_linear.linear(x, w, None)
+    if m > 1:
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=0, atol=0)
+        return
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    s = x.float().abs() @ w.float().abs().T
+    u, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    assert ((out.float() - ref).abs() <= (k + 8) * u32 * s + u * ref.abs() + 1e-6).all()

@@ -46,15 +46,22 @@ def bind_cuda_kernels(gm, overrides: dict | None = None):
     """A copy of the program whose `sglc::` op nodes call their CUDA launchers directly (or the
     launcher `overrides` names for an op: another backend's, e.g. flashinfer's attention).
 
-    Same graph, same weights (shared); what goes is the dispatcher's per-call cost (schema checks, the
-    Python custom-op path: ~0.1 ms a call, measured), which CUDA graphs hide in decode but every eager
-    step (prefill, mixed batches) pays hundreds of times.
+    Plain projections (`aten.linear`) get the GEMV's launcher, which serves batch-1 decode and hands
+    everything else to cuBLAS. Same graph, same weights (shared); what goes is the dispatcher's
+    per-call cost (schema checks, the Python custom-op path: ~0.1 ms a call, measured), which CUDA
+    graphs hide in decode but every eager step (prefill, mixed batches) pays hundreds of times.
     """
     import copy
 
+    import torch
     from torch import fx
 
-    kernels = {**cuda_kernels(), **(overrides or {})}
+    from sgl_compile.codegen import norm_linear
+
+    # aten.linear is rebound here only, never registered: a CUDA kernel registered for aten::linear
+    # would reroute every linear in the process (cuBLAS included, which the GEMV falls back to).
+    graph_only = {torch.ops.aten.linear.default: norm_linear.linear}
+    kernels = {**cuda_kernels(), **graph_only, **(overrides or {})}
     bound = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     for node in bound.graph.nodes:
         if node.op == "call_function" and node.target in kernels:

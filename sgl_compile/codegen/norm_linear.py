@@ -1,11 +1,11 @@
-"""Triton fused GEMV for a few rows: `sglc::rms_norm_linear` and `sglc::add_rms_norm_linear`.
+"""Triton GEMV for a few rows: `sglc::rms_norm_linear`, `sglc::add_rms_norm_linear` and, without the
+norm, a program's plain `aten.linear`.
 
 Layouts: x (and residual) [..., K] with unit stride along K, viewed as rows [M, K]; norm weight [K];
 weight row-major [N, K] (nn.Linear's); bias [N] or None; out [..., N] (silu_and_mul: [..., N / 2],
 gate rows first, up rows second, as the merged gate/up weight is stacked).
 
-Batch-1 decode steps of wide projections (`fusable`; a passed config forces it, up to 16 rows): one
-kernel per op. Each program owns BLOCK_N output columns of every row and walks K once: it
+Batch-1 decode steps (`fusable`; a passed config forces it, up to 16 rows): one kernel per op. Each program owns BLOCK_N output columns of every row and walks K once: it
 accumulates each row's sum of squares of x (+ residual) and the dot products of x * norm weight with
 its BLOCK_N weight rows, and scales those by the row's rstd at the end (rstd is one scalar per row,
 so it factors out of the dot product). So the weight stream starts at the first instruction, with no
@@ -36,20 +36,21 @@ from sgl_compile.ir.ops import check_norm_linear_activation
 
 Config = dict[str, int]
 
-# Where the fused kernel measured at least as fast as the unfused ones (docs/benchmarks.md, H200):
-# one row, and projections of at least 8192 outputs (the gate/up and LM-head shapes of 1B-8B
-# models). Narrower ones (qkv) lose: too few programs keep too few bytes in flight without split-K;
-# 2-16 rows through the 16-row MMA tile ran 3-5x slower than cuBLAS.
+# Where the GEMV measured at least as fast as the kernels it replaces (docs/benchmarks.md, H200):
+# one row (batch-1 decode), every projection of the 1B-8B shapes once its column blocks were narrow
+# enough to give each SM several programs; 2-16 rows through the 16-row MMA tile ran 3-5x slower
+# than cuBLAS.
 MAX_FUSED_ROWS = 1
-MIN_FUSED_OUTPUTS = 8192
 
+# Narrow column blocks and long K tiles: at decode's one row a weight tile is all the work there is, so
+# more programs (and each with more K in one load) keep more bytes in flight per SM.
 CONFIG_SPACE: dict[str, list[Config]] = {
     "norm_linear": [
         {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
-        for bn in (16, 32, 64, 128)
-        for bk in (128, 256, 512)
+        for bn in (1, 2, 4, 8, 16, 32)
+        for bk in (512, 1024, 2048, 4096)
         for w in (4, 8)
-        for st in (3, 4)
+        for st in (1, 3)
     ]
 }
 
@@ -68,12 +69,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _heuristic(n_out: int, k: int, device: torch.device) -> Config:
-    # The widest column block that still gives every SM two programs: fewer, longer weight streams.
-    sms, bn = _sm_count(device), 16
-    while bn < 128 and triton.cdiv(n_out, bn * 2) >= 2 * sms:
+def _heuristic(n_out: int, k: int, device: torch.device, gated: bool = False) -> Config:
+    """One row's whole weight is the work, so the grid must keep enough bytes in flight per SM.
+    Plain: the widest column block (up to 16) that still gives every SM four programs, K in tiles of
+    up to 2048, eight warps once a tile has 8192 elements (about 32 per thread); 16 x 512 tiles on 4
+    warps where even 16-wide blocks leave programs to spare (LM heads: 122 vs 163 us at 16 x 2048). Gated (two weight
+    tiles a program): the widest block that gives every SM two programs, 8192-element tiles."""
+    sms, bn = _sm_count(device), 1
+    if gated:
+        bn = 16
+        while bn < 128 and triton.cdiv(n_out, bn * 2) >= 2 * sms:
+            bn *= 2
+        return {"BLOCK_N": bn, "BLOCK_K": min(8192 // bn, triton.next_power_of_2(k)), "num_warps": 4,
+                "num_stages": 1}  # fmt: skip
+    while bn < 16 and triton.cdiv(n_out, bn * 2) >= 4 * sms:
         bn *= 2
-    return {"BLOCK_N": bn, "BLOCK_K": min(256, triton.next_power_of_2(k)), "num_warps": 4, "num_stages": 4}
+    if bn == 16:  # a wide projection (an LM head): programs enough; 16 x 512 tiles measured fastest
+        return {
+            "BLOCK_N": 16,
+            "BLOCK_K": min(512, triton.next_power_of_2(k)),
+            "num_warps": 4,
+            "num_stages": 1,
+        }
+    bk = min(2048, triton.next_power_of_2(k))
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8 if bn * bk >= 8192 else 4, "num_stages": 1}
 
 
 @triton.jit
@@ -178,17 +197,15 @@ def _rows(x: Tensor) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def fusable(x: Tensor, weight: Tensor, activation: str = "none") -> bool:
-    """Whether the fused kernel serves this call (else the unfused kernels do)."""
+def fusable(x: Tensor, weight: Tensor) -> bool:
+    """Whether the GEMV serves this call (else the unfused kernels do)."""
     rows = x.numel() // max(1, x.shape[-1])
-    n_out = weight.shape[0] // 2 if activation == "silu_and_mul" else weight.shape[0]
     return (
         x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and weight.dtype == x.dtype
         and weight.stride(-1) == 1
         and 0 < rows <= MAX_FUSED_ROWS
-        and n_out >= MIN_FUSED_OUTPUTS
     )
 
 
@@ -207,15 +224,18 @@ def _fused(
     n_out = n // 2 if gated else n
     if config is None:
         key = norm_linear_key(x, weight, activation, residual is not None, norm_weight is not None)
-        config = autotune.get_config("norm_linear", key, lambda: _heuristic(n_out, k, x.device))
+        config = autotune.get_config("norm_linear", key, lambda: _heuristic(n_out, k, x.device, gated))
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     out2 = out.view(-1, n_out)
     summed = torch.empty_like(x) if residual is not None else None
     s2 = summed.view(-1, k) if summed is not None else x2
-    block_k = min(config["BLOCK_K"], triton.next_power_of_2(k))
-    _norm_gemv_kernel[(triton.cdiv(n_out, config["BLOCK_N"]),)](
+    block_m = 1 if x2.shape[0] == 1 else 16  # 16: the smallest tile `tl.dot` takes
+    block_n, block_k = config["BLOCK_N"], min(config["BLOCK_K"], triton.next_power_of_2(k))
+    if block_m > 1:  # a one-row config forced onto more rows: the MMA's minimum tile
+        block_n, block_k = max(16, block_n), max(16, block_k)
+    _norm_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x2,
         r2,
         norm_weight if norm_weight is not None else weight,
@@ -236,8 +256,8 @@ def _fused(
         HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         SILU_MUL=gated,
-        BLOCK_M=1 if x2.shape[0] == 1 else 16,  # 16: the smallest tile `tl.dot` takes
-        BLOCK_N=config["BLOCK_N"],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         num_warps=config["num_warps"],
@@ -262,7 +282,7 @@ def rms_norm_linear(
 ) -> Tensor:
     """`sglc::rms_norm_linear`: activation(linear(rms_norm(x), weight, bias))."""
     check_norm_linear_activation(activation)
-    if fusable(x, weight, activation) or config is not None:
+    if fusable(x, weight) or config is not None:
         return _fused(x, None, norm_weight, eps, weight, bias, activation, config)[0]
     return _linear_activation(norm.rms_norm(x, norm_weight, eps), weight, bias, activation)
 
@@ -279,7 +299,7 @@ def add_rms_norm_linear(
 ) -> tuple[Tensor, Tensor]:
     """`sglc::add_rms_norm_linear`: (activation(linear(rms_norm(x + residual), ...)), x + residual)."""
     check_norm_linear_activation(activation)
-    if fusable(x, weight, activation) or config is not None:
+    if fusable(x, weight) or config is not None:
         out, summed = _fused(x, residual, norm_weight, eps, weight, bias, activation, config)
         assert summed is not None
         return out, summed
@@ -287,6 +307,9 @@ def add_rms_norm_linear(
     return _linear_activation(normed, weight, bias, activation), summed
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: Config | None = None) -> Tensor:
-    """A plain projection through the same GEMV (no norm): linear(x, weight, bias)."""
-    return _fused(x, None, None, 0.0, weight, bias, "none", config)[0]
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: Config | None = None) -> Tensor:
+    """`aten.linear` in a program on CUDA (bound by `codegen.bind_cuda_kernels`): the same GEMV without
+    a norm where it serves (`fusable`; a passed config forces it), else F.linear (cuBLAS)."""
+    if fusable(x, weight) or config is not None:
+        return _fused(x, None, None, 0.0, weight, bias, "none", config)[0]
+    return F.linear(x, weight, bias)

@@ -100,7 +100,7 @@ def model_cases(
         if quantization:
             yield from _gemm_cases(cfg, randn, t, quantization)
         if t <= norm_linear.MAX_FUSED_ROWS:
-            yield from _norm_linear_cases(projections, x, res, w)
+            yield from _norm_linear_cases(projections, randn, x, res, w)
     yield from _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens)
 
 
@@ -144,25 +144,36 @@ def _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens) -
     )  # fmt: skip
 
 
-def _norm_linear_weights(cfg, randn, quantization) -> list[tuple[Tensor, str, bool]]:
-    """(weight, activation, residual or not) of the fused norm + GEMV's calls: into qkv and gate_up
-    (unless quantized: those are then quantized linears, not fused) and the final norm into the LM head."""
+def _norm_linear_weights(cfg, randn, quantization) -> list[tuple[Tensor, str, str]]:
+    """(weight, activation, input) of the GEMV's calls, input "residual" (fused add + norm), "norm" or
+    "plain": into qkv and gate_up after a norm, o_proj and down on their own (unless quantized: those
+    are quantized linears then), and the final norm into the LM head."""
     h, d = cfg.hidden_size, cfg.head_dim
-    fused = [] if quantization else [((cfg.num_heads + 2 * cfg.num_kv_heads) * d, "none", True),
-                                     (2 * cfg.intermediate_size, "silu_and_mul", True)]  # fmt: skip
-    return [(randn(n, h) * 0.02, act, res) for n, act, res in [*fused, (cfg.vocab_size, "none", False)]]
+    projections = [] if quantization else [
+        ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h, "none", "residual"),
+        (2 * cfg.intermediate_size, h, "silu_and_mul", "residual"),
+        (h, cfg.num_heads * d, "none", "plain"),
+        (h, cfg.intermediate_size, "none", "plain"),
+    ]  # fmt: skip
+    projections.append((cfg.vocab_size, h, "none", "norm"))
+    return [(randn(n, k) * 0.02, act, inp) for n, k, act, inp in projections]
 
 
-def _norm_linear_cases(projections, x, res, norm_w) -> Iterator[TuneCase]:
-    for w, act, has_res in projections:
-        if has_res:
+def _norm_linear_cases(projections, randn, x, res, norm_w) -> Iterator[TuneCase]:
+    for w, act, inp in projections:
+        if inp == "residual":
             run = lambda c, w=w, act=act: norm_linear.add_rms_norm_linear(
                 x, res, norm_w, 1e-6, w, None, act, c
             )  # noqa: E731
-        else:
+            key = norm_linear.norm_linear_key(x, w, act, True)
+        elif inp == "norm":
             run = lambda c, w=w, act=act: norm_linear.rms_norm_linear(x, norm_w, 1e-6, w, None, act, c)  # noqa: E731
-        yield TuneCase("norm_linear", norm_linear.norm_linear_key(x, w, act, has_res), run,
-                       norm_linear.CONFIG_SPACE["norm_linear"])  # fmt: skip
+            key = norm_linear.norm_linear_key(x, w, act, False)
+        else:
+            xk = randn(x.shape[0], w.shape[1])
+            run = lambda c, w=w, xk=xk: norm_linear.linear(xk, w, None, c)  # noqa: E731
+            key = norm_linear.norm_linear_key(xk, w, act, False, has_norm=False)
+        yield TuneCase("norm_linear", key, run, norm_linear.CONFIG_SPACE["norm_linear"])
 
 
 GEMM_KERNELS = {"int8": "linear_w8a16", "int4": "linear_w4a16", "fp8": "linear_fp8"}
