@@ -5,18 +5,19 @@ Layouts: x (and residual) [..., K] with unit stride along K, viewed as rows [M, 
 weight row-major [N, K] (nn.Linear's); bias [N] or None; out [..., N] (silu_and_mul: [..., N / 2],
 gate rows first, up rows second, as the merged gate/up weight is stacked).
 
-Batch-1 decode steps (`fusable`; a passed config forces it, up to 16 rows): one kernel per op. Each program owns BLOCK_N output columns of every row and walks K once: it
-accumulates each row's sum of squares of x (+ residual) and the dot products of x * norm weight with
-its BLOCK_N weight rows, and scales those by the row's rstd at the end (rstd is one scalar per row,
-so it factors out of the dot product). So the weight stream starts at the first instruction, with no
-norm pass before it; every program recomputes the norm's sum (M x K FLOPs against N x K weight bytes
-streamed). Program 0 writes the residual sum. With silu_and_mul each program also owns the matching
-up rows and applies the gate before storing. One row (batch-1 decode) multiplies in fp32 on CUDA
-cores; 2..16 rows take a 16-row MMA tile, its input x * norm weight rounded to x's dtype. Against the
-reference (normed row rounded, times the norm weight rounded) that moves where the GEMM input is
-rounded: one rounding of x * w instead of two, then the fp32 rstd, so the result may differ by about
-one more rounding of the GEMM input. The residual sum, the GEMM output in x's dtype and silu rounded
-before the multiply are the reference's.
+Batch-1 decode steps (`fusable`; a passed config forces it, up to 16 rows): one kernel per op. Each
+program owns BLOCK_N output columns of every row and walks K once: it accumulates each row's sum of
+squares of x (+ residual) and the dot products of x * norm weight with its BLOCK_N weight rows, and
+scales those by the row's rstd at the end (rstd is one scalar per row, so it factors out of the dot
+product). So the weight stream starts at the first instruction, with no norm pass before it; every
+program recomputes the norm's sum (M x K FLOPs against N x K weight bytes streamed). Program 0
+writes the residual sum. With silu_and_mul each program also owns the matching up rows and applies
+the gate before storing. One row (batch-1 decode) multiplies in fp32 on CUDA cores; 2..16 rows take
+a 16-row MMA tile, its input x * norm weight rounded to x's dtype. Against the reference (normed row
+rounded, times the norm weight rounded) that moves where the GEMM input is rounded: one rounding of
+x * w instead of two, then the fp32 rstd, so the result may differ by about one more rounding of the
+GEMM input. The residual sum, the GEMM output in x's dtype and silu rounded before the multiply are
+the reference's.
 
 More rows, fp32 (whose reference GEMM is an IEEE fp32 matmul), or anything else: the unfused kernels
 (the Triton norm, cuBLAS, the Triton gate), so prefill runs exactly what it ran before the fusion.
@@ -72,27 +73,23 @@ def _sm_count(device: torch.device) -> int:
 def _heuristic(n_out: int, k: int, device: torch.device, gated: bool = False) -> Config:
     """One row's whole weight is the work, so the grid must keep enough bytes in flight per SM.
     Plain: the widest column block (up to 16) that still gives every SM four programs, K in tiles of
-    up to 2048, eight warps once a tile has 8192 elements (about 32 per thread); 16 x 512 tiles on 4
-    warps where even 16-wide blocks leave programs to spare (LM heads: 122 vs 163 us at 16 x 2048). Gated (two weight
-    tiles a program): the widest block that gives every SM two programs, 8192-element tiles."""
-    sms, bn = _sm_count(device), 1
+    up to 2048, eight warps once a tile has 8192 elements (about 32 per thread); where even 16-wide
+    blocks leave programs to spare (LM heads), 16 x 512 tiles on 4 warps (122 vs 163 us at 16 x 2048).
+    Gated (two weight tiles a program): the widest block that gives every SM two programs,
+    8192-element tiles."""
+    sms = _sm_count(device)
     if gated:
         bn = 16
         while bn < 128 and triton.cdiv(n_out, bn * 2) >= 2 * sms:
             bn *= 2
-        return {"BLOCK_N": bn, "BLOCK_K": min(8192 // bn, triton.next_power_of_2(k)), "num_warps": 4,
-                "num_stages": 1}  # fmt: skip
-    while bn < 16 and triton.cdiv(n_out, bn * 2) >= 4 * sms:
-        bn *= 2
-    if bn == 16:  # a wide projection (an LM head): programs enough; 16 x 512 tiles measured fastest
-        return {
-            "BLOCK_N": 16,
-            "BLOCK_K": min(512, triton.next_power_of_2(k)),
-            "num_warps": 4,
-            "num_stages": 1,
-        }
-    bk = min(2048, triton.next_power_of_2(k))
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 8 if bn * bk >= 8192 else 4, "num_stages": 1}
+        bk, warps = min(8192 // bn, triton.next_power_of_2(k)), 4
+    else:
+        bn = 1
+        while bn < 16 and triton.cdiv(n_out, bn * 2) >= 4 * sms:
+            bn *= 2
+        bk = min(512 if bn == 16 else 2048, triton.next_power_of_2(k))
+        warps = 8 if bn < 16 and bn * bk >= 8192 else 4
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 1}
 
 
 @triton.jit
