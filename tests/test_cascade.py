@@ -61,18 +61,16 @@ def test_groups_are_contiguous_and_name_shared_slots(compiled) -> None:
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     reqs = [Req(f"r{i}", tok.encode(t), params, tok) for i, t in enumerate(texts)]
     seen = []
-    build = sched.runner.build
+    groups = sched.runner._groups  # called for the decode batches only
 
     def recording(batch):
-        fb = build(batch)
-        if len(batch) == 4 and fb.is_decode:
+        indptr, shared = groups(batch)
+        if len(batch) == 4:
             slots = [sched.table.slots(s.req.row, s.req.kv_len) for s in batch]
-            seen.append(
-                ([s.req.rid for s in batch], fb.cascade_indptr.tolist(), fb.shared_len.tolist(), slots)
-            )
-        return fb
+            seen.append(([s.req.rid for s in batch], indptr.tolist(), shared.tolist(), slots))
+        return indptr, shared
 
-    sched.runner.build = recording
+    sched.runner._groups = recording
     run_to_completion(sched, reqs)
     assert len(seen) >= 6
     for rids, indptr, shared, slots in seen:

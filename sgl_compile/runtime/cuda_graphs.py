@@ -3,8 +3,9 @@
 A decode step of a small model is a few hundred kernel launches of a few
 microseconds each; launched from Python they cost more than they compute.
 Replaying a captured graph launches them all at once. Inputs live in static
-buffers; a batch is padded up to its bucket with rows that write no KV
-(slot -1), attend to one dummy key, and whose logits are dropped.
+buffers, which the runner fills on the device before each replay; a batch is
+padded up to its bucket with rows that write no KV (slot -1), attend to one
+dummy key, and whose logits are dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from sgl_compile.runtime.model_runner import ForwardBatch, ModelRunner
+    from sgl_compile.runtime.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DecodeGraphs:
         self.kv_indptr = torch.arange(self.max_bs + 1, **i64)  # one key per padding row
         self.kv_indices = torch.zeros(self.max_kv, **i64)  # padding rows read slot 0: harmless
         self.logits_indices = torch.arange(self.max_bs, **i64)
-        self.one_to_max = torch.arange(1, self.max_bs + 1, **i64)  # padding rows' kv_indptr steps
+        self.one_to_max = torch.arange(1, self.max_bs + 1, **i64)  # padding rows' cascade groups
         # Cascade: every row its own group unless the batch says otherwise (padding rows stay alone).
         self.cascade_indptr = torch.arange(self.max_bs + 1, **i64) if runner.cascade else runner._empty
         self.shared_len = torch.zeros(self.max_bs, **i64) if runner.cascade else runner._empty
@@ -94,31 +95,30 @@ class DecodeGraphs:
             len(self.graphs), self.buckets[0], self.max_bs, time.perf_counter() - start,
         )  # fmt: skip
 
-    def fits(self, fb: ForwardBatch) -> bool:
-        return fb.input_ids.shape[0] <= self.max_bs and fb.kv_indices.shape[0] <= self.max_kv
+    def bucket(self, n: int, n_kv: int) -> int | None:
+        """The bucket a decode batch of n requests and n_kv keys replays, or None (run eagerly)."""
+        if n > self.max_bs or n_kv + self.max_bs > self.max_kv:
+            return None
+        return next(x for x in self.buckets if x >= n)
 
-    def replay(self, fb: ForwardBatch) -> Tensor:
-        b = fb.input_ids.shape[0]
-        bs = next(x for x in self.buckets if x >= b)
-        self.input_ids[:b].copy_(fb.input_ids)
-        self.positions[:b].copy_(fb.positions)
-        self.slot_mapping[:b].copy_(fb.slot_mapping)
-        self.slot_mapping[b:bs].fill_(-1)
-        n_kv = fb.kv_indices.shape[0]
-        self.kv_indptr[: b + 1].copy_(fb.kv_indptr)
-        # padding rows: one key each (slot 0), after the real ones
-        torch.add(self.one_to_max[: bs - b], n_kv, out=self.kv_indptr[b + 1 : bs + 1])
-        self.kv_indices[:n_kv].copy_(fb.kv_indices)
-        self.kv_indices[n_kv : n_kv + bs - b].zero_()
-        if self.runner.cascade:
-            self.cascade_indptr[: b + 1].copy_(fb.cascade_indptr)
-            self.cascade_indptr[b + 1 : bs + 1].copy_(self.one_to_max[b:bs])
-            self.shared_len[:b].copy_(fb.shared_len)
-            self.shared_len[b:bs].zero_()
+    def inputs(self, bs: int) -> dict[str, Tensor]:
+        """The static buffers bucket bs reads; the runner fills them (padding rows included) before
+        `replay`."""
+        return self._inputs(bs)
+
+    def set_groups(self, bs: int, cascade_indptr: Tensor, shared_len: Tensor) -> None:
+        b = shared_len.shape[0]
+        self.cascade_indptr[: b + 1].copy_(cascade_indptr)
+        self.cascade_indptr[b + 1 : bs + 1].copy_(self.one_to_max[b:bs])  # padding rows: alone
+        self.shared_len[:b].copy_(shared_len)
+        self.shared_len[b:bs].zero_()
+
+    def replay(self, bs: int, n: int, host_kv_indptr: list[int] | None = None) -> Tensor:
+        """Logits of the batch's n rows; host_kv_indptr (the real rows') where flashinfer plans."""
         if self.attention is not None:
-            kvp = fb.host_kv_indptr
+            kvp = host_kv_indptr
             self.attention.plan_graph(
-                bs, kvp + list(range(kvp[-1] + 1, kvp[-1] + 1 + bs - b)), self.kv_indices
+                bs, kvp + list(range(kvp[-1] + 1, kvp[-1] + 1 + bs - n)), self.kv_indices
             )
         self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+        return self.outputs[bs][:n]

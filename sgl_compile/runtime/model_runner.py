@@ -4,8 +4,10 @@ A batch is a list of (request, number of new tokens): an extend chunk of a
 prompt, or one token of decode; both are the same shape to the program (ragged
 queries over each request's slots in the request-to-token table).
 
-On CUDA, decode batches replay a CUDA graph captured per batch-size bucket
-(`cuda_graphs.py`); everything else runs eagerly.
+A decode batch's inputs are built on the device by one kernel from one packed
+copy of the host's per-request state (`codegen/decode_inputs.py`); on CUDA it
+then replays a CUDA graph captured per batch-size bucket (`cuda_graphs.py`).
+Everything else is built op by op and runs eagerly.
 
 With cascade attention on, a decode batch names its groups of requests that
 share a cached prefix (consecutive in the batch; the scheduler forms them), so
@@ -20,11 +22,13 @@ of the earlier step fills.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
+from sgl_compile.codegen.decode_inputs import decode_inputs, decode_inputs_reference
 from sgl_compile.driver import CompiledModel
 from sgl_compile.errors import SglcError
 from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
@@ -47,11 +51,6 @@ class ForwardBatch:
     # qo_indptr / kv_indptr as the host built them: what a planning attention backend reads (no sync)
     host_qo_indptr: list[int] = field(default_factory=list)
     host_kv_indptr: list[int] = field(default_factory=list)
-
-    @property
-    def is_decode(self) -> bool:
-        """One query per request (every scheduled request computes at least one token)."""
-        return self.input_ids.shape[0] == self.qo_indptr.shape[0] - 1
 
     def as_inputs(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("host_")}
@@ -107,7 +106,65 @@ class ModelRunner:
         return rows
 
     def store_future(self, rows: list[int], tokens: Tensor) -> None:
-        self.future.index_copy_(0, to_device(rows, self.device), tokens)
+        """tokens into the rows alloc_future gave: consecutive but for the ring's wrap, so slices
+        (device copies, no index list to send)."""
+        wrap = min(len(rows), self.future.shape[0] - rows[0]) if rows else 0
+        if wrap:
+            self.future[rows[0] : rows[0] + wrap].copy_(tokens[:wrap])
+        if wrap < len(rows):
+            self.future[: len(rows) - wrap].copy_(tokens[wrap:])
+
+    def run(self, batch: list[ScheduledReq]) -> Tensor:
+        """Queue one step's forward; its logits [rows, vocab] in the program's dtype (nothing is read
+        back). Decode steps (one token and one logits row per request) build their inputs on the
+        device and replay a CUDA graph where one fits; other steps run eagerly."""
+        if all(s.length == 1 and s.logit_positions == [s.start] for s in batch):
+            return self._decode(batch)
+        return self.forward(self.build(batch))
+
+    def _decode(self, batch: list[ScheduledReq]) -> Tensor:
+        n = len(batch)
+        tokens, kv_lens, slots, rows = [], [], [], []
+        for s in batch:
+            req = s.req
+            tokens += req.ids_between(s.start, s.start + 1)
+            kv_lens.append(s.start + 1)
+            slots += s.new_slots
+            rows.append(req.row)
+            self.table.host[req.row][s.start : s.start + 1] = s.new_slots
+        meta = to_device(tokens + kv_lens + slots + rows, self.device).view(4, n)
+        n_kv = sum(kv_lens)
+        bs = self.graphs.bucket(n, n_kv) if self.graphs is not None else None
+        if bs is not None:
+            inputs = self.graphs.inputs(bs)
+        else:
+            i64 = {"dtype": torch.int64, "device": self.device}
+            inputs = {
+                "input_ids": torch.empty(n, **i64), "positions": torch.empty(n, **i64),
+                "slot_mapping": torch.empty(n, **i64), "qo_indptr": torch.arange(n + 1, **i64),
+                "kv_indptr": torch.empty(n + 1, **i64), "kv_indices": torch.empty(n_kv, **i64),
+                "cascade_indptr": self._empty, "shared_len": self._empty,
+                "logits_indices": torch.arange(n, **i64),
+            }  # fmt: skip
+        fill = decode_inputs if self.device.type == "cuda" else decode_inputs_reference
+        fill(
+            meta, self.table.table, self.future, inputs["input_ids"], inputs["positions"],
+            inputs["slot_mapping"], inputs["kv_indptr"], inputs["kv_indices"],
+        )  # fmt: skip
+        if self.cascade:
+            groups, shared = self._groups(batch)
+            if bs is None:
+                inputs["cascade_indptr"], inputs["shared_len"] = groups, shared
+            else:
+                self.graphs.set_groups(bs, groups, shared)
+        host_kvp = None
+        if self.attention is not None:  # a planning backend reads the batch's layout from the host
+            host_kvp = [0, *itertools.accumulate(kv_lens)]
+        if bs is not None:
+            return self.graphs.replay(bs, n, host_kvp)
+        if self.attention is not None:
+            self.attention.plan(list(range(n + 1)), host_kvp, inputs["kv_indices"])
+        return self.run_program(inputs)
 
     def build(self, batch: list[ScheduledReq]) -> ForwardBatch:
         ids, pos, slots, logit_rows = [], [], [], []
@@ -143,14 +200,12 @@ class ModelRunner:
         indptr += [len(batch)] * (len(batch) + 1 - len(indptr))
         return to_device(indptr, self.device), to_device(shared, self.device)
 
-    @torch.no_grad()
     def forward(self, fb: ForwardBatch) -> Tensor:
-        """Logits [len(logits_indices), vocab] as float32."""
-        if self.graphs is not None and fb.is_decode and self.graphs.fits(fb):
-            return self.graphs.replay(fb).float()
+        """Run a built batch eagerly: logits [len(logits_indices), vocab]."""
         if self.attention is not None:
             self.attention.plan(fb.host_qo_indptr, fb.host_kv_indptr, fb.kv_indices)
-        return self.run_program(fb.as_inputs()).float()
+        return self.run_program(fb.as_inputs())
 
+    @torch.no_grad()
     def run_program(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.compiled.runnable(k_cache=self.kv.k, v_cache=self.kv.v, **inputs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sgl_compile.codegen import argmax as argmax_kernel
 from sgl_compile.runtime.sampling_params import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -142,18 +143,28 @@ def uniform_noise(rows: list[SampleInput], vocab: int, device: torch.device) -> 
     return unit_interval(x)
 
 
+def argmax(logits: Tensor) -> Tensor:
+    """Each row's first index of its maximum: torch's argmax gives a row one block (slow over a large
+    vocabulary at small batches), so CUDA runs the two-pass kernel."""
+    if logits.device.type == "cuda":
+        return argmax_kernel.argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: Tensor, rows: list[SampleInput]) -> DeviceSample:
     """logits [len(rows), vocab] (any float dtype, any device) -> one token per row, on that device."""
-    logits = logits.float()
-    raw = logits
     want_logprobs = any(r.params.return_logprob for r in rows)
-    if any(r.params.penalized for r in rows):
+    penalized = any(r.params.penalized for r in rows)
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if want_logprobs or penalized or drawn:  # greedy rows alone take the argmax of the logits as given
+        logits = logits.float()
+    raw = logits
+    if penalized:
         logits = logits.clone()
         for i, r in enumerate(rows):
             if r.params.penalized:
                 apply_penalties(logits[i], r.prompt_ids + r.output_ids, r.output_ids, r.params)
-    tokens = logits.argmax(dim=-1)
-    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    tokens = argmax(logits)
     if drawn:
         # Exponential race: argmax p / E with E ~ Exp(1) draws from p (the Gumbel-max trick).
         index = torch.tensor(drawn, device=logits.device) if len(drawn) < len(rows) else None
@@ -161,7 +172,7 @@ def sample(logits: Tensor, rows: list[SampleInput]) -> DeviceSample:
         sub_rows = [rows[i] for i in drawn]
         probs = filtered_probs(sub, [r.params for r in sub_rows])
         race = probs / -torch.log(uniform_noise(sub_rows, logits.shape[-1], logits.device))
-        picked = race.argmax(dim=-1)
+        picked = argmax(race)
         tokens = picked if index is None else tokens.index_copy(0, index, picked)
     out = DeviceSample(tokens)
     if want_logprobs:

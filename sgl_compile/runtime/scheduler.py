@@ -407,8 +407,7 @@ class Scheduler:
     # -- launch and finish -----------------------------------------------------------
     def _forward(self, batch: list[ScheduledReq]) -> _Forward:
         """Build the inputs and run the program: device work is queued, nothing read back."""
-        fb = self.runner.build(batch)
-        logits = self.runner.forward(fb)
+        logits = self.runner.run(batch)
         self.forward_steps += 1
         rows: list[int] = []
         prompt_rows: dict[int, Tensor] = {}  # rows for prompt logprobs, copied: graph outputs are reused
@@ -455,11 +454,8 @@ class Scheduler:
                 else logits[torch.tensor(rows, device=logits.device)]
             )
             constrained = [(j, r) for j, (r, _) in enumerate(draws) if r.constraint is not None]
-            if constrained:
-                if picked is logits and logits.device.type == "cuda":
-                    picked = (
-                        picked.clone()
-                    )  # a CUDA graph's static output (float32 models: .float() is a no-op)
+            if constrained:  # masked in place: a float32 copy, never a CUDA graph's static output
+                picked = picked.to(torch.float32, copy=picked is logits)
                 self.grammars.mask(picked, constrained)
             drawn = sample(picked, inputs)
             future = self.runner.alloc_future(len(draws))
