@@ -202,7 +202,7 @@ def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:
                f"kernels: {_kernel_times(cas)}")  # fmt: skip
         if sweep:
             space = [{"BLOCK_N": bn, "MEMBERS": m, "num_splits": sp, "num_warps": w, "num_stages": st}
-                     for bn, m, sp, (w, st) in itertools.product((32, 64), (8, 16), (2, 4, 8, 16), ((4, 1), (4, 2)))]  # fmt: skip
+                     for bn, m, sp, (w, st) in itertools.product((32, 64), (4, 8, 16), (2, 4, 8, 16), ((4, 1), (4, 2)))]  # fmt: skip
             ts, cs = best(lambda c: cas(None, c), space)
             dspace = [{"BLOCK_N": bn, "num_splits": sp, "num_warps": w, "num_stages": st}
                       for bn, sp, (w, st) in itertools.product((32, 64, 128), (1, 2, 4, 8), ((4, 2),))]  # fmt: skip
