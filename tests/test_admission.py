@@ -106,3 +106,39 @@ def test_conservativeness_must_not_be_negative() -> None:
 
     with pytest.raises(SglcError, match="schedule_conservativeness"):
         SchedulerConfig(max_total_tokens=100, context_length=100, schedule_conservativeness=-1)
+
+
+@pytest.mark.parametrize("groups, members", [(4, 8), (12, 16)])  # one walk per request; one per run
+def test_lpm_admits_the_group_whose_prefix_is_cached_first(compiled, groups: int, members: int) -> None:
+    """Shuffled requests of `groups` shared system prompts: once one group's prompt is cached, lpm puts
+    all of its members first and keeps queue order for the rest, below and above LPM_QUEUE_LIMIT
+    (4 x 8 and 12 x 16 requests); fcfs keeps queue order."""
+    import random
+
+    from sgl_compile.runtime.scheduler import LPM_QUEUE_LIMIT
+
+    assert 4 * 8 <= LPM_QUEUE_LIMIT < 12 * 16  # the two cases take the two paths
+    rng = random.Random(0)
+    tok = compiled.tokenizer
+    systems = [[rng.randrange(100, 40000) for _ in range(300)] for _ in range(groups)]
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    reqs = [
+        Req(f"g{g}m{m}", systems[g] + [rng.randrange(100, 40000) for _ in range(8)], params, tok, frozenset())
+        for g in range(groups)
+        for m in range(members)
+    ]
+    rng.shuffle(reqs)
+    for policy in ("lpm", "fcfs"):
+        sched = _scheduler(compiled, 100_000, schedule_policy=policy)
+        for r in reqs:
+            sched.add(r)
+        hot = 2
+        sched.cache.insert(systems[hot], sched.kv.alloc(len(systems[hot])))
+        order = [r.rid for r in sched._waiting_in_policy_order()]
+        queue = [r.rid for r in reqs]
+        if policy == "fcfs":
+            assert order == queue
+        else:
+            first = [rid for rid in queue if rid.startswith(f"g{hot}m")]
+            assert order == first + [rid for rid in queue if rid not in first]
+        sched.cache.flush()

@@ -11,15 +11,7 @@ from typing import Any
 
 from sgl_compile.errors import SglcError
 from sgl_compile.lang.backend import Backend
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+from sgl_compile.runtime.radix_cache import common_prefix
 
 
 def _mean(logprobs: list[float]) -> float:
@@ -32,7 +24,7 @@ def score_choices(backend: Backend, text: str, choices: tuple[str, ...]) -> tupl
         raise SglcError("select needs some text before it to condition on")
     prompt = backend.encode(text)
     full = [backend.encode(text + c) for c in choices]
-    starts = [common_prefix_len(prompt, ids) for ids in full]
+    starts = [common_prefix(prompt, ids) for ids in full]
     for choice, ids, k in zip(choices, full, starts, strict=True):
         if k == len(ids):
             raise SglcError(f"select: choice {choice!r} adds no tokens to the prompt")

@@ -38,12 +38,23 @@ class Node:
         self.last_access = next(_clock)
 
 
-def _common_prefix(a: tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    """Length of the common prefix. Slice comparisons run in C: the whole key first (the usual case on a
+    walk down the tree), else a bisection down to a short Python scan; a per-token loop was ~40 us for a
+    2048-token system prompt, on every match and insert."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if tuple(a[:n]) == tuple(b[:n]):  # (tuple() of a tuple is that tuple: no copy)
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        if tuple(a[lo:mid]) == tuple(b[lo:mid]):
+            lo = mid
+        else:
+            hi = mid
+    while a[lo] == b[lo]:
+        lo += 1
+    return lo
 
 
 class RadixCache:
@@ -61,7 +72,7 @@ class RadixCache:
         node, slots, i = self.root, [], 0
         while not self.disabled and i < len(tokens) and tokens[i] in node.children:
             child = node.children[tokens[i]]
-            n = _common_prefix(child.key, tokens[i:])
+            n = common_prefix(child.key, tokens[i : i + len(child.key)])
             slots.extend(child.slots[:n])
             node, i = child, i + n
             if n < len(child.key):
@@ -102,7 +113,7 @@ class RadixCache:
         node, i = self.root, 0
         while i < len(tokens) and tokens[i] in node.children:
             child = node.children[tokens[i]]
-            n = _common_prefix(child.key, tokens[i:])
+            n = common_prefix(child.key, tokens[i : i + len(child.key)])
             if n < len(child.key):
                 child = self._split(child, n)
             child.touch()

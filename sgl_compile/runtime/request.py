@@ -14,6 +14,10 @@ from sgl_compile.tokenizer import IncrementalDetokenizer, Tokenizer
 if TYPE_CHECKING:
     from sgl_compile.runtime.grammar import Constraint
 
+# Requests whose prompts agree on this many leading tokens are taken to share a system prompt: the lpm
+# policy ranks a long queue with one tree walk per such run.
+PROMPT_HEAD = 256
+
 
 @dataclass(frozen=True)
 class FinishReason:
@@ -64,8 +68,10 @@ class Req:
     first_token_at: float | None = None
     seed: int = field(init=False)
     detok: IncrementalDetokenizer = field(init=False)
+    prompt_head: int = field(init=False)  # hash of the first PROMPT_HEAD prompt tokens
 
     def __post_init__(self) -> None:
+        self.prompt_head = hash(tuple(self.prompt_ids[:PROMPT_HEAD]))
         self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.detok = IncrementalDetokenizer(self.tokenizer, [], self.params.skip_special_tokens)
 

@@ -53,7 +53,7 @@ from sgl_compile.runtime.structured import GrammarError, Grammars
 log = logging.getLogger(__name__)
 
 POLICIES = ("lpm", "fcfs")
-LPM_QUEUE_LIMIT = 128  # longest-prefix-match sorting costs a tree walk per request; above this, fcfs
+LPM_QUEUE_LIMIT = 128  # longest-prefix-match sorting walks the tree once per request up to this many
 MAX_JUMPS = 8  # forced texts appended after one sampled token (each makes progress; a bound all the same)
 INIT_NEW_TOKEN_RATIO = 0.7  # expected share of max_new_tokens a request that may stop early draws
 MIN_NEW_TOKEN_RATIO = 0.1
@@ -288,18 +288,31 @@ class Scheduler:
         return rows
 
     def _waiting_in_policy_order(self) -> list[Req]:
-        if self.cfg.schedule_policy == "fcfs" or len(self.waiting) > LPM_QUEUE_LIMIT or self.cache.disabled:
+        """The queue in admission order. lpm: longest cached prefix first (stable: ties keep queue order),
+        so that requests sharing a prefix someone just computed run together while it is cached, and in
+        the same decode batches (where cascade attention reads it once for all of them)."""
+        if self.cfg.schedule_policy == "fcfs" or self.cache.disabled or len(self.waiting) < 2:
             return list(self.waiting)
-        matched = {id(r): len(self.cache.match_prefix(r.all_ids[:-1])[0]) for r in self.waiting}
-        return sorted(self.waiting, key=lambda r: -matched[id(r)])  # stable: ties keep queue order
+        if len(self.waiting) <= LPM_QUEUE_LIMIT:
+            matched = {id(r): len(self.cache.match_prefix(r.all_ids[:-1])[0]) for r in self.waiting}
+            return sorted(self.waiting, key=lambda r: -matched[id(r)])
+        # A long queue: one tree walk per run of requests that agree on their first PROMPT_HEAD tokens
+        # (a shared system prompt), ranked by the match of its oldest member.
+        matched: dict[int, int] = {}
+        for r in self.waiting:
+            if r.prompt_head not in matched:
+                matched[r.prompt_head] = len(self.cache.match_prefix(r.all_ids[:-1])[0])
+        return sorted(self.waiting, key=lambda r: -matched[r.prompt_head])
 
     def _schedule_extend(self) -> list[ScheduledReq]:
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
         batch: list[ScheduledReq] = []
         partial = [r for r in self.running if r.seq_len - r.kv_len > 1]
-        if self.waiting:
+        waiting = []
+        if self.waiting and len(self.running) < self.cfg.max_running_requests and self.table.available():
             self._reserved = sum(self._kv_to_come(r) for r in self.running)
-        for req in partial + self._waiting_in_policy_order():
+            waiting = self._waiting_in_policy_order()
+        for req in partial + waiting:
             if budget <= 0:
                 break
             if not req.admitted and not self._admit(req):

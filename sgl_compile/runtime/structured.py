@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from sgl_compile.errors import SglcError
+from sgl_compile.runtime.radix_cache import common_prefix
 from sgl_compile.runtime.request import Req
 from sgl_compile.tokenizer import Tokenizer
 
@@ -32,15 +33,6 @@ JUMP_WINDOW = 4  # output tokens before the forced text that are re-encoded with
 
 class GrammarError(SglcError):
     """The grammar refused a token the scheduler produced under its mask: a bug, fatal to the request."""
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Grammars:
@@ -112,7 +104,7 @@ class Grammars:
                 break
         else:
             return None  # the tokenizer does not spell the forced text back (e.g. a prefix space)
-        common = _common_prefix(old, new)
+        common = common_prefix(old, new)
         start = len(out) - k + common
         tail = new[common : common + max_output - start]
         if not req.constraint.retokenize(old, old[:common] + tail):
