@@ -48,7 +48,9 @@ def available() -> bool:
 def _host_int32(values: list[int]) -> Tensor:
     # Pinned: flashinfer copies these to the device without blocking; the host allocator keeps a
     # pinned block until the copy that read it has run.
-    return torch.tensor(values, dtype=torch.int32).pin_memory()
+    return torch.tensor(
+        values, dtype=torch.int32, pin_memory=True
+    )  # (.pin_memory() would first ask the driver)
 
 
 class FlashinferAttention:

@@ -7,6 +7,8 @@ request can be shared by the radix cache without page alignment.
 
 from __future__ import annotations
 
+import array
+
 import torch
 from torch import Tensor
 
@@ -52,12 +54,22 @@ class KVPool:
         self._free.extend(slots)
 
 
-def to_device(values: list[int], device: torch.device) -> Tensor:
-    """An int64 host list on the device without waiting for the device (a pinned staging copy on CUDA)."""
-    t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """A host list on the device without waiting for the device. The list goes through array.array
+    (torch.tensor(list) converts element by element: 130 us per 1024 values on the H200 machine's host,
+    against ~40); on CUDA into pinned memory (the caching host allocator reuses a block once its copy
+    has run; `.pin_memory()` on a pageable tensor would first ask the driver whether it is pinned) and
+    then copied asynchronously."""
+    host = torch.frombuffer(array.array(_ARRAY_CODES[dtype], values), dtype=dtype) if values else None
+    if device.type != "cuda":
+        return host.clone() if host is not None else torch.empty(0, dtype=dtype)
+    pinned = torch.empty(len(values), dtype=dtype, pin_memory=True)
+    if host is not None:
+        pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
+
+
+_ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
 
 
 class ReqToTokenPool:

@@ -122,6 +122,13 @@ class Req:
         the request by EOS or a stop string; then the extra draw is dropped)."""
         return self.num_output < self.params.max_new_tokens and self.seq_len < context_len
 
+    def decodes_next(self, context_len: int) -> bool:
+        """Whether the next step is a decode row for it: only its last token lacks KV, and it may draw
+        another (can_extend, inlined: the scheduler asks this of every running request every step)."""
+        n_out = len(self.output_ids)
+        seq_len = len(self.prompt_ids) + n_out
+        return seq_len - self.kv_len == 1 and n_out < self.params.max_new_tokens and seq_len < context_len
+
     def tokens_to_come(self, context_len: int) -> int:
         """The most tokens the request may still draw."""
         return max(0, min(self.params.max_new_tokens - self.num_output, context_len - self.seq_len))

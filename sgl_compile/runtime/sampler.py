@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sgl_compile.codegen import argmax as argmax_kernel
+from sgl_compile.runtime.kv_pool import to_device
 from sgl_compile.runtime.sampling_params import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -70,11 +71,11 @@ def apply_penalties(
     """Repetition penalty on every token seen (prompt and output, as HF/vLLM); frequency and presence
     penalties on output counts (OpenAI: logit -= frequency * count + presence * [count > 0])."""
     if p.repetition_penalty != 1.0 and history_all:
-        ids = torch.tensor(sorted(set(history_all)), device=logits.device)
+        ids = to_device(sorted(set(history_all)), logits.device)
         seen = logits[ids]
         logits[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and history_out:
-        counts = torch.bincount(torch.tensor(history_out, device=logits.device), minlength=logits.shape[-1])
+        counts = torch.bincount(to_device(history_out, logits.device), minlength=logits.shape[-1])
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
 
@@ -83,26 +84,26 @@ def filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """[B, V] logits -> probabilities at each row's temperature after its top-k, top-p (smallest set
     reaching p, measured within the top k) and min-p, renormalised. Batched: one sort for the batch."""
     dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev)
+    temperature = to_device([p.temperature for p in params], dev, torch.float32)
     probs = torch.softmax(logits / temperature[:, None], dim=-1)
     top_k = [p.top_k if 0 < p.top_k < probs.shape[-1] else 0 for p in params]
     top_p = [p.top_p for p in params]
     if any(top_k) or any(p < 1.0 for p in top_p):
         sorted_p, order = probs.sort(dim=-1, descending=True)
         if any(top_k):
-            k = torch.tensor(top_k, device=dev)
+            k = to_device(top_k, dev)
             kth = sorted_p.gather(1, (k - 1).clamp(min=0)[:, None])
             kth = torch.where(k[:, None] > 0, kth, 0.0)
             sorted_p = torch.where(sorted_p >= kth, sorted_p, 0.0)  # ties with the k-th stay
             sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
         if any(p < 1.0 for p in top_p):
-            tp = torch.tensor(top_p, device=dev)[:, None]
+            tp = to_device(top_p, dev, torch.float32)[:, None]
             before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
             sorted_p = torch.where((before < tp) | (tp >= 1.0), sorted_p, 0.0)  # the first always stays
         probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
     min_p = [p.min_p for p in params]
     if any(min_p):
-        floor = torch.tensor(min_p, device=dev)[:, None] * probs.amax(-1, keepdim=True)
+        floor = to_device(min_p, dev, torch.float32)[:, None] * probs.amax(-1, keepdim=True)
         probs = torch.where(probs >= floor, probs, 0.0)
     return probs / probs.sum(-1, keepdim=True)
 
@@ -137,7 +138,7 @@ def unit_interval(x: Tensor) -> Tensor:
 
 def uniform_noise(rows: list[SampleInput], vocab: int, device: torch.device) -> Tensor:
     """[B, V] uniforms in (0, 1) from (seed, step, token id)."""
-    keys = torch.tensor([_row_key(r.seed, r.step) for r in rows], dtype=torch.int64, device=device)
+    keys = to_device([_row_key(r.seed, r.step) for r in rows], device)
     x = _mix32(keys[:, None] ^ torch.arange(vocab, dtype=torch.int64, device=device))
     x = _mix32(x ^ (keys[:, None] >> 7))
     return unit_interval(x)
@@ -167,7 +168,7 @@ def sample(logits: Tensor, rows: list[SampleInput]) -> DeviceSample:
     tokens = argmax(logits)
     if drawn:
         # Exponential race: argmax p / E with E ~ Exp(1) draws from p (the Gumbel-max trick).
-        index = torch.tensor(drawn, device=logits.device) if len(drawn) < len(rows) else None
+        index = to_device(drawn, logits.device) if len(drawn) < len(rows) else None
         sub = logits if index is None else logits[index]
         sub_rows = [rows[i] for i in drawn]
         probs = filtered_probs(sub, [r.params for r in sub_rows])

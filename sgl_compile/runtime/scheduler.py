@@ -43,7 +43,7 @@ from torch import Tensor
 
 from sgl_compile.driver import CompiledModel
 from sgl_compile.errors import SglcError
-from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool
+from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
 from sgl_compile.runtime.radix_cache import RadixCache
 from sgl_compile.runtime.request import FinishReason, Req
@@ -238,7 +238,7 @@ class Scheduler:
         batch = self.schedule()
         previous, self._inflight = self._inflight, None
         reads_history = any(
-            s.samples and (s.req.constraint is not None or s.req.params.penalized) for s in batch
+            (s.req.constraint is not None or s.req.params.penalized) and s.samples for s in batch
         )
         queued = self._forward(batch) if batch else None
         if reads_history:
@@ -372,7 +372,7 @@ class Scheduler:
     def _schedule_decode(self, running: list[Req] | None = None) -> list[ScheduledReq]:
         ctx = self.cfg.context_length
         running = self.running if running is None else running
-        reqs = [r for r in running if r.seq_len - r.kv_len == 1 and r.can_extend(ctx)]
+        reqs = [r for r in running if r.decodes_next(ctx)]
         while reqs and self.kv.available() < len(reqs):
             self.cache.evict(len(reqs) - self.kv.available())
             if self.kv.available() < len(reqs):
@@ -443,9 +443,9 @@ class Scheduler:
         req = s.req
         return (
             req.params.max_new_tokens > 0
-            and not req.finished
-            and s.samples
+            and req.finish is None
             and req.kv_len == s.start + s.length
+            and s.samples
         )
 
     def _sample(self, queued: _Forward) -> _Inflight:
@@ -462,9 +462,7 @@ class Scheduler:
             ]
             # A decode batch samples every row in order: no gather (a copy of batch x vocab) needed.
             picked = (
-                logits
-                if rows == list(range(logits.shape[0]))
-                else logits[torch.tensor(rows, device=logits.device)]
+                logits if rows == list(range(logits.shape[0])) else logits[to_device(rows, logits.device)]
             )
             constrained = [(j, r) for j, (r, _) in enumerate(draws) if r.constraint is not None]
             if constrained:  # masked in place: a float32 copy, never a CUDA graph's static output
@@ -502,7 +500,7 @@ class Scheduler:
                 self._follow_grammar(req)
         for s in step.batch:
             req = s.req
-            if s.samples and req.params.max_new_tokens == 0 and not req.finished:
+            if req.params.max_new_tokens == 0 and s.samples and not req.finished:
                 req.finish = FinishReason("length")  # prefill only (e.g. to share a prompt among n samples)
                 updated.append(req)
         for req in updated:
