@@ -53,8 +53,10 @@ def main() -> None:
     compiled = compile_model(model="dummy:smollm2-135m")
     vocab = compiled.config.vocab_size
     compiled.program = ConstantLogits()
+    # Shared system prompts are held once (the cache), the rest of each request's KV on its own.
+    slots = args.batch * (args.prompt_len - args.shared_len + args.steps + 8) + args.groups * args.shared_len
     cfg = SchedulerConfig(
-        max_total_tokens=args.batch * (args.prompt_len + args.steps + 8), context_length=4096,
+        max_total_tokens=slots, context_length=4096,
         max_running_requests=args.batch, chunked_prefill_size=1 << 30, enable_cascade_attention=args.cascade,
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)

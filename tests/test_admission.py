@@ -15,7 +15,7 @@ from sgl_compile.runtime.scheduler import (
     Scheduler,
     SchedulerConfig,
 )
-from tests.scheduling import drain
+from tests.scheduling import drain, run_to_completion
 
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):",
            "The quick brown fox", "In the beginning", "Dear Sir or Madam,", "Ingredients: flour,"]  # fmt: skip
@@ -142,3 +142,53 @@ def test_lpm_admits_the_group_whose_prefix_is_cached_first(compiled, groups: int
             first = [rid for rid in queue if rid.startswith(f"g{hot}m")]
             assert order == first + [rid for rid in queue if rid not in first]
         sched.cache.flush()
+
+
+@pytest.mark.parametrize("disable_radix_cache", [False, True])
+def test_a_system_prompt_nothing_caches_yet_is_computed_once(compiled, disable_radix_cache: bool) -> None:
+    """Three groups of four requests share uncached 300-token system prompts and arrive interleaved, with
+    two identical short prompts: the first extend batch takes one member of each, the rest wait a step
+    and find their prompt cached (the short one up to its last token), so each shared prompt is computed
+    once. Without the cache every prompt is computed whole, in one batch. Outputs are the same."""
+    import random
+
+    rng = random.Random(1)
+    tok = compiled.tokenizer
+    systems = [[rng.randrange(100, 40000) for _ in range(300)] for _ in range(3)]
+    short = [rng.randrange(100, 40000) for _ in range(20)]
+    params = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    reqs = [
+        Req(f"m{m}g{g}", systems[g] + [rng.randrange(100, 40000) for _ in range(8)], params, tok)
+        for m in range(4)
+        for g in range(3)
+    ] + [Req(f"short{i}", short, params, tok) for i in range(2)]
+    cfg = SchedulerConfig(
+        max_total_tokens=20_000, context_length=8192, chunked_prefill_size=8192,
+        disable_radix_cache=disable_radix_cache,
+    )  # fmt: skip
+    sched = Scheduler(compiled, cfg)
+    extends: list[list[tuple[str, int]]] = []
+    run = sched.runner.run
+
+    def record(batch):
+        if any(s.length > 1 for s in batch):
+            extends.append([(s.req.rid, s.length) for s in batch])
+        return run(batch)
+
+    sched.runner.run = record
+    for r in reqs:
+        sched.add(r)
+    drain(sched)
+    if disable_radix_cache:
+        assert len(extends) == 1 and sum(n for _, n in extends[0]) == sum(len(r.prompt_ids) for r in reqs)
+    else:
+        assert [rid for rid, _ in extends[0]] == ["m0g0", "m0g1", "m0g2", "short0"]
+        second = dict(extends[1])
+        assert sorted(second) == sorted(r.rid for r in reqs[3:12] + reqs[13:])
+        assert second.pop("short1") == 1 and set(second.values()) == {8}  # each one's own tokens
+        assert len(extends) == 2
+    alone = Scheduler(compiled, SchedulerConfig(max_total_tokens=20_000, context_length=8192))
+    for r in reqs:
+        twin = Req(r.rid, r.prompt_ids, params, tok)
+        run_to_completion(alone, [twin])
+        assert twin.output_ids == r.output_ids

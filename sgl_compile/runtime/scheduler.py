@@ -18,6 +18,10 @@ KV goes into the radix cache (unlocked, so it may be evicted), they wait at the
 head of the queue with the tokens generated so far, and the ratio goes back to
 1 (the estimate was too low).
 
+A waiting request whose first tokens another request of the same extend batch is computing (and no
+cached prefix covers) waits one step, then takes them from the cache: a system prompt that arrives with
+its whole group is computed once, not once per member the batch has room for.
+
 Cascade attention (--enable-cascade-attention): decode requests whose KV starts
 with the same cached prefix (a radix-tree node that two of them lock, at least
 CASCADE_MIN_SHARED tokens deep) are put next to each other in the batch and
@@ -46,7 +50,7 @@ from sgl_compile.errors import SglcError
 from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
 from sgl_compile.runtime.radix_cache import RadixCache
-from sgl_compile.runtime.request import FinishReason, Req
+from sgl_compile.runtime.request import PROMPT_HEAD, FinishReason, Req
 from sgl_compile.runtime.sampler import DeviceSample, SampleInput, SampleOutput, sample
 from sgl_compile.runtime.structured import GrammarError, Grammars
 
@@ -312,11 +316,20 @@ class Scheduler:
         if self.waiting and len(self.running) < self.cfg.max_running_requests and self.table.available():
             self._reserved = sum(self._kv_to_come(r) for r in self.running)
             waiting = self._waiting_in_policy_order()
+        # First tokens (a system prompt) that a request of this batch computes now and nothing caches yet:
+        # others that begin with them wait a step and then find them cached, instead of computing them too.
+        # (A prompt's last token is always computed, so a cached prompt's head ends one token short.)
+        computing: set[int] = set()
         for req in partial + waiting:
             if budget <= 0:
                 break
-            if not req.admitted and not self._admit(req):
-                break
+            if not req.admitted:
+                if req.prompt_head in computing:
+                    continue
+                if not self._admit(req):
+                    break
+            if not self.cache.disabled and req.kv_len < min(PROMPT_HEAD, len(req.prompt_ids) - 1):
+                computing.add(req.prompt_head)
             chunk = min(req.seq_len - req.kv_len, budget)
             slots = self._free_slots(chunk)
             if slots is None:
