@@ -98,6 +98,18 @@ def test_repeated_prompt_is_cached(engine, mixed, reference) -> None:
     assert first["output_ids"] == second["output_ids"] == reference[3]
 
 
+def test_a_failing_call_raises_in_the_caller_and_the_engine_lives_on(engine, mixed, reference) -> None:
+    """A check run on the scheduler thread (check_no_leaks, stats) that raises: the caller gets the
+    exception instead of waiting forever, and the scheduler keeps serving."""
+
+    def broken() -> None:
+        raise AssertionError("KV slots leaked")
+
+    with pytest.raises(AssertionError, match="leaked"):
+        engine._call(broken)
+    assert engine.generate(input_ids=mixed[3], sampling_params=GREEDY)["output_ids"] == reference[3]
+
+
 def test_shared_system_prompt_hits_after_the_first(engine, smollm2) -> None:
     tok = smollm2.tokenizer
     system = "You are a meticulous assistant. " + prompts.LONG[:600]

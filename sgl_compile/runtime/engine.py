@@ -101,8 +101,18 @@ class Engine:
         if self._error is not None:
             raise SglcError(f"engine is dead: {self._error}")
         done: queue.Queue = queue.Queue()
-        self._commands.put(lambda: done.put(fn()))
-        return done.get()
+
+        def call() -> None:  # an exception goes back to the caller, not into the scheduler loop
+            try:
+                done.put((fn(), None))
+            except Exception as e:
+                done.put((None, e))
+
+        self._commands.put(call)
+        result, error = done.get()
+        if error is not None:
+            raise error
+        return result
 
     # -- requests -------------------------------------------------------------------
     def _make_req(self, prompt: str | list[int], params: SamplingParams, rid: str | None) -> Req:

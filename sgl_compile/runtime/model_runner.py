@@ -92,27 +92,32 @@ class ModelRunner:
         # Room for three steps of draws: one being built, one running, one being read back.
         self.future = torch.zeros(3 * table.table.shape[0] + 1, dtype=torch.int64, device=self.device)
         self._next_future = 0
+        # cascade groups of the last decode batch (host lists, their tensors); the bucket whose static
+        # buffers hold them
+        self._last_groups: tuple[list[int], list[int], Tensor, Tensor] | None = None
+        self._graph_groups: tuple[int, Tensor] | None = None
         self.graphs = None
         if self.device.type == "cuda" and not disable_cuda_graph and cuda_graph_max_bs > 0:
             from sgl_compile.runtime.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, cuda_graph_max_bs)
 
-    def alloc_future(self, n: int) -> list[int]:
-        """Rows of the future-token buffer for n draws (a ring: rows are reused three steps later)."""
-        size = self.future.shape[0]
-        rows = [(self._next_future + i) % size for i in range(n)]
-        self._next_future = (self._next_future + n) % size
-        return rows
+    def alloc_future(self, n: int) -> int:
+        """The first of n consecutive rows of the future-token buffer for n draws: row i of them is
+        (first + i) % len(future) (a ring: rows are reused three steps later)."""
+        first = self._next_future
+        self._next_future = (first + n) % self.future.shape[0]
+        return first
 
-    def store_future(self, rows: list[int], tokens: Tensor) -> None:
-        """tokens into the rows alloc_future gave: consecutive but for the ring's wrap, so slices
-        (device copies, no index list to send)."""
-        wrap = min(len(rows), self.future.shape[0] - rows[0]) if rows else 0
+    def store_future(self, first: int, tokens: Tensor) -> None:
+        """tokens into the rows alloc_future gave: slices on either side of the ring's wrap (device
+        copies, no index list to send)."""
+        n = tokens.shape[0]
+        wrap = min(n, self.future.shape[0] - first)
         if wrap:
-            self.future[rows[0] : rows[0] + wrap].copy_(tokens[:wrap])
-        if wrap < len(rows):
-            self.future[: len(rows) - wrap].copy_(tokens[wrap:])
+            self.future[first : first + wrap].copy_(tokens[:wrap])
+        if wrap < n:
+            self.future[: n - wrap].copy_(tokens[wrap:])
 
     def run(self, batch: list[ScheduledReq]) -> Tensor:
         """Queue one step's forward; its logits [rows, vocab] in the program's dtype (nothing is read
@@ -155,8 +160,13 @@ class ModelRunner:
             groups, shared = self._groups(batch)
             if bs is None:
                 inputs["cascade_indptr"], inputs["shared_len"] = groups, shared
-            else:
+            elif (
+                self._graph_groups is None
+                or self._graph_groups[0] != bs
+                or self._graph_groups[1] is not groups
+            ):
                 self.graphs.set_groups(bs, groups, shared)
+                self._graph_groups = (bs, groups)  # (else the static buffers hold them still)
         host_kvp = None
         if self.attention is not None:  # a planning backend reads the batch's layout from the host
             host_kvp = [0, *itertools.accumulate(kv_lens)]
@@ -193,12 +203,18 @@ class ModelRunner:
         )  # fmt: skip
 
     def _groups(self, batch: list[ScheduledReq]) -> tuple[Tensor, Tensor]:
-        """cascade_indptr / shared_len of a decode batch: runs of equal keys are groups, the rest alone."""
-        keys = [s.shared[0] if s.shared is not None else s for s in batch]  # unshared: a key of its own
+        """cascade_indptr / shared_len of a decode batch: runs of equal keys are groups, the rest alone.
+        The tensors of the previous batch when its groups were the same (most steps)."""
+        keys = [s.shared[0] if s.shared is not None else s.req for s in batch]  # unshared: a key of its own
         indptr = [0] + [i for i in range(1, len(batch)) if keys[i] is not keys[i - 1]]
         shared = [s.shared[1] if s.shared is not None else 0 for s in batch]
         indptr += [len(batch)] * (len(batch) + 1 - len(indptr))
-        return to_device(indptr, self.device), to_device(shared, self.device)
+        last = self._last_groups
+        if last is not None and last[0] == indptr and last[1] == shared:
+            return last[2], last[3]
+        groups = (to_device(indptr, self.device), to_device(shared, self.device))
+        self._last_groups = (indptr, shared, *groups)
+        return groups
 
     def forward(self, fb: ForwardBatch) -> Tensor:
         """Run a built batch eagerly: logits [len(logits_indices), vocab]."""

@@ -12,7 +12,9 @@ Contract:
 - `evict(n)` frees at least n slots (if it can) from unlocked leaves, least
   recently used first, back into the pool.
 The set of evictable leaves is kept current on every change, so eviction does
-not walk the tree.
+not walk the tree. `version` changes with every lock, unlock and change of the
+tree's shape: what a caller derived from a request's path stays valid while it
+does not (the scheduler's cascade groups of a decode batch).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class RadixCache:
         self.evictable: set[Node] = set()  # unlocked leaves
         self.evictable_size = 0  # slots in unlocked nodes
         self.protected_size = 0  # slots in locked nodes
+        self.version = 0
 
     # -- lookup ---------------------------------------------------------------
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], Node]:
@@ -84,6 +87,7 @@ class RadixCache:
 
     # -- locking --------------------------------------------------------------
     def lock(self, node: Node) -> None:
+        self.version += 1
         while node is not self.root:
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.slots)
@@ -94,6 +98,7 @@ class RadixCache:
             node = node.parent
 
     def unlock(self, node: Node) -> None:
+        self.version += 1
         while node is not self.root:
             if node.lock_ref <= 0:
                 raise RuntimeError("radix cache: unlock of an unlocked node")
@@ -123,6 +128,7 @@ class RadixCache:
         return i
 
     def _add_leaf(self, parent: Node, key: tuple[int, ...], slots: list[int]) -> None:
+        self.version += 1
         leaf = Node(key, slots, parent)
         leaf.touch()
         parent.children[key[0]] = leaf
@@ -133,6 +139,7 @@ class RadixCache:
     def _split(self, node: Node, n: int) -> Node:
         """Cut `node` after n tokens; the new upper node keeps its locks. `node` stays the lower part,
         so references held to it (a request's locked node) still mean the whole path."""
+        self.version += 1
         upper = Node(node.key[:n], node.slots[:n], node.parent, {node.key[n]: node}, node.lock_ref)
         upper.last_access = node.last_access
         node.parent.children[node.key[0]] = upper
@@ -154,6 +161,7 @@ class RadixCache:
         freed = 0
         while freed < n and heap:
             _, _, leaf = heapq.heappop(heap)
+            self.version += 1
             self.free_slots(leaf.slots)
             freed += len(leaf.slots)
             self.evictable_size -= len(leaf.slots)

@@ -117,6 +117,11 @@ class Req:
         """Tokens sampled so far, pending ones included."""
         return len(self.output_ids)
 
+    @property
+    def draw_index(self) -> int:
+        """The index in the output of the token its next draw samples (the sampler's SampleRow)."""
+        return len(self.output_ids)
+
     def can_extend(self, context_len: int) -> bool:
         """Whether another token may be drawn before the pending ones are known (they could still finish
         the request by EOS or a stop string; then the extra draw is dropped)."""

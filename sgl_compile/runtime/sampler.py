@@ -13,6 +13,7 @@ logits, before penalties and temperature), as OpenAI and SGLang report them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -24,13 +25,26 @@ from sgl_compile.runtime.sampling_params import SamplingParams
 _M32 = 0xFFFFFFFF
 
 
-@dataclass
-class SampleInput:
-    """One row to sample: its parameters, seed and draw index, and token history for penalties."""
+class SampleRow(Protocol):
+    """One row to sample, as the sampler reads it: its parameters, seed and draw index, and the token
+    history for penalties. The scheduler's requests are rows themselves (no per-step copy)."""
 
     params: SamplingParams
     seed: int
-    step: int  # the index of the token being drawn in the request's output
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+    @property
+    def draw_index(self) -> int: ...  # the index of the token being drawn in the request's output
+
+
+@dataclass
+class SampleInput:
+    """A row on its own (for callers without a request)."""
+
+    params: SamplingParams
+    seed: int
+    draw_index: int
     prompt_ids: list[int]
     output_ids: list[int]
 
@@ -44,7 +58,7 @@ class DeviceSample:
     top_ids: Tensor | None = None  # [B, k] for the largest top_logprobs_num asked
     top_values: Tensor | None = None
 
-    def to_host(self, rows: list[SampleInput]) -> SampleOutput:
+    def to_host(self, rows: list[SampleRow]) -> SampleOutput:
         """Read back (synchronises with the device)."""
         out = SampleOutput(self.tokens.tolist())
         if self.logprobs is not None:
@@ -136,9 +150,9 @@ def unit_interval(x: Tensor) -> Tensor:
     return ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def uniform_noise(rows: list[SampleInput], vocab: int, device: torch.device) -> Tensor:
-    """[B, V] uniforms in (0, 1) from (seed, step, token id)."""
-    keys = to_device([_row_key(r.seed, r.step) for r in rows], device)
+def uniform_noise(rows: list[SampleRow], vocab: int, device: torch.device) -> Tensor:
+    """[B, V] uniforms in (0, 1) from (seed, draw index, token id)."""
+    keys = to_device([_row_key(r.seed, r.draw_index) for r in rows], device)
     x = _mix32(keys[:, None] ^ torch.arange(vocab, dtype=torch.int64, device=device))
     x = _mix32(x ^ (keys[:, None] >> 7))
     return unit_interval(x)
@@ -152,8 +166,10 @@ def argmax(logits: Tensor) -> Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: Tensor, rows: list[SampleInput]) -> DeviceSample:
+def sample(logits: Tensor, rows: list[SampleRow]) -> DeviceSample:
     """logits [len(rows), vocab] (any float dtype, any device) -> one token per row, on that device."""
+    if all(r.params.argmax_only for r in rows):  # (the usual batch: one pass over the rows)
+        return DeviceSample(argmax(logits))
     want_logprobs = any(r.params.return_logprob for r in rows)
     penalized = any(r.params.penalized for r in rows)
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 from sgl_compile.errors import SglcError
@@ -102,3 +103,8 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+    @cached_property
+    def argmax_only(self) -> bool:
+        """A draw is the argmax of the logits as given: greedy, unpenalized, without logprobs."""
+        return self.greedy and not self.penalized and not self.return_logprob

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
 from sgl_compile.runtime.radix_cache import RadixCache
 from sgl_compile.runtime.request import PROMPT_HEAD, FinishReason, Req
-from sgl_compile.runtime.sampler import DeviceSample, SampleInput, SampleOutput, sample
+from sgl_compile.runtime.sampler import DeviceSample, SampleOutput, sample
 from sgl_compile.runtime.structured import GrammarError, Grammars
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,6 @@ class _Inflight:
     batch: list[ScheduledReq]
     drawn: list[Req]  # requests that drew a token, in the order of the sample's rows
     prompt_rows: dict[int, Tensor]  # batch index -> logits rows for prompt logprobs
-    inputs: list[SampleInput] = field(default_factory=list)
     sample: tuple[DeviceSample, torch.cuda.Event | None] | None = None
 
     def wait(self) -> SampleOutput:
@@ -126,7 +125,7 @@ class _Inflight:
         drawn, event = self.sample
         if event is not None:
             event.synchronize()
-        return drawn.to_host(self.inputs)
+        return drawn.to_host(self.drawn)
 
 
 def _to_host_async(drawn: DeviceSample) -> tuple[DeviceSample, torch.cuda.Event | None]:
@@ -169,6 +168,7 @@ class Scheduler:
         self._reserved = 0  # during _schedule_extend: KV the running requests still need
         self.grammars = Grammars(compiled.tokenizer, c.vocab_size, cfg.max_running_requests)
         self._inflight: _Inflight | None = None
+        self._cascade_memo: tuple | None = None  # (tree version, requests, ordered, shared, saved reads)
 
     # -- requests in and out --------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -392,27 +392,42 @@ class Scheduler:
                 victim = reqs.pop()  # the newest
                 log.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)
                 self._retract(victim)
+        shared = self._cascade_groups(reqs) if self.cfg.enable_cascade_attention else None
+        if shared is not None:
+            reqs, shared = shared
         slots = self.kv.alloc(len(reqs)) or []
         batch = [
             ScheduledReq(r, r.kv_len, 1, [slot], [r.kv_len]) for r, slot in zip(reqs, slots, strict=True)
         ]
-        return self._cascade_groups(batch) if self.cfg.enable_cascade_attention else batch
+        if shared is not None:
+            for s, found in zip(batch, shared, strict=True):
+                s.shared = found
+        return batch
 
-    def _cascade_groups(self, batch: list[ScheduledReq]) -> list[ScheduledReq]:
-        """Order a decode batch so that requests sharing a cached prefix are adjacent, and mark them."""
-        by_node: dict[int, list[ScheduledReq]] = {}
-        for s in batch:
-            found = self._shared_prefix(s.req)
-            by_node.setdefault(id(found[0]) if found else id(s), []).append(s)
-            s.shared = found
-        ordered = []
+    def _cascade_groups(self, reqs: list[Req]) -> tuple[list[Req], list[tuple[object, int] | None]]:
+        """A decode batch's requests reordered so that those sharing a cached prefix are adjacent, and
+        per request its group's (node, shared slots), None for one alone. Reused while neither the batch
+        nor the tree's locks change (most decode steps): the walk up each request's path is the
+        costliest per-request work of a step."""
+        memo = self._cascade_memo
+        if memo is not None and memo[0] == self.cache.version and memo[1] == reqs:
+            self.cascade_shared_tokens += memo[4]
+            return memo[2], memo[3]
+        by_node: dict[int, list[tuple[Req, tuple[object, int] | None]]] = {}
+        for r in reqs:
+            found = self._shared_prefix(r)
+            by_node.setdefault(id(found[0]) if found else id(r), []).append((r, found))
+        ordered, shared, saved = [], [], 0
         for members in by_node.values():
             if len(members) == 1:
-                members[0].shared = None
+                members = [(members[0][0], None)]
             else:
-                self.cascade_shared_tokens += members[0].shared[1] * (len(members) - 1)
-            ordered += members
-        return ordered
+                saved += members[0][1][1] * (len(members) - 1)
+            ordered += [r for r, _ in members]
+            shared += [found for _, found in members]
+        self._cascade_memo = (self.cache.version, list(reqs), ordered, shared, saved)
+        self.cascade_shared_tokens += saved
+        return ordered, shared
 
     def _shared_prefix(self, req: Req) -> tuple[object, int] | None:
         """(node, depth) of the deepest node of the request's cached prefix that another admitted request
@@ -435,58 +450,50 @@ class Scheduler:
         """Build the inputs and run the program: device work is queued, nothing read back."""
         logits = self.runner.run(batch)
         self.forward_steps += 1
-        rows: list[int] = []
+        rows: list[int] = []  # (this loop and the sampler's run over every request every step: kept lean)
         prompt_rows: dict[int, Tensor] = {}  # rows for prompt logprobs, copied: graph outputs are reused
         row = 0
         for i, s in enumerate(batch):
-            req, n = s.req, len(s.logit_positions)
-            if req.wants_prompt_logprobs and n:
+            req, n, length = s.req, len(s.logit_positions), s.length
+            if req.params.return_logprob and req.wants_prompt_logprobs and n:
                 prompt_rows[i] = logits[row : row + n].clone()
             row += n
-            req.kv_len += s.length
-            if s.length > 1:
+            req.kv_len += length
+            if length > 1:
                 self._cache_unfinished(req)
             rows.append(row - 1 if s.samples else -1)
         return _Forward(batch, logits, rows, prompt_rows)
 
-    @staticmethod
-    def _draws(s: ScheduledReq) -> bool:
-        """Whether a computed entry samples: not if its request finished, or was rewritten by a jump-forward
-        (its tokens changed or grew) after the forward was queued."""
-        req = s.req
-        return (
-            req.params.max_new_tokens > 0
-            and req.finish is None
-            and req.kv_len == s.start + s.length
-            and s.samples
-        )
-
     def _sample(self, queued: _Forward) -> _Inflight:
-        """Run the sampler on a queued forward's logits (masked for constrained requests)."""
+        """Run the sampler on a queued forward's logits (masked for constrained requests). An entry with a
+        sampling row draws, unless its request finished or was rewritten by a jump-forward (its tokens
+        changed or grew: its KV or its length is no longer the entry's end) after the forward was
+        queued."""
         logits = queued.logits
         draws = [
-            (s.req, r) for s, r in zip(queued.batch, queued.rows, strict=True) if r >= 0 and self._draws(s)
-        ]
-        inflight = _Inflight(queued.batch, [r for r, _ in draws], queued.prompt_rows)
+            (s.req, r)
+            for s, r in zip(queued.batch, queued.rows, strict=True)
+            if r >= 0 and s.req.finish is None and s.req.kv_len == s.start + s.length == s.req.seq_len
+            and s.req.params.max_new_tokens > 0
+        ]  # fmt: skip
+        reqs = [r for r, _ in draws]
+        inflight = _Inflight(queued.batch, reqs, queued.prompt_rows)
         if draws:
             rows = [i for _, i in draws]
-            inputs = [
-                SampleInput(r.params, r.seed, r.num_output, r.prompt_ids, r.output_ids) for r, _ in draws
-            ]
             # A decode batch samples every row in order: no gather (a copy of batch x vocab) needed.
             picked = (
                 logits if rows == list(range(logits.shape[0])) else logits[to_device(rows, logits.device)]
             )
-            constrained = [(j, r) for j, (r, _) in enumerate(draws) if r.constraint is not None]
+            constrained = [(j, r) for j, r in enumerate(reqs) if r.constraint is not None]
             if constrained:  # masked in place: a float32 copy, never a CUDA graph's static output
                 picked = picked.to(torch.float32, copy=picked is logits)
                 self.grammars.mask(picked, constrained)
-            drawn = sample(picked, inputs)
-            future = self.runner.alloc_future(len(draws))
-            self.runner.store_future(future, drawn.tokens)
-            for (req, _), f in zip(draws, future, strict=True):
-                req.add_pending(f)
-            inflight.inputs = inputs
+            drawn = sample(picked, reqs)  # (each request is its own sampler row)
+            first = self.runner.alloc_future(len(reqs))
+            self.runner.store_future(first, drawn.tokens)
+            size = self.runner.future.shape[0]
+            for j, req in enumerate(reqs, first):
+                req.add_pending(j % size)
             inflight.sample = _to_host_async(drawn)
         return inflight
 
@@ -496,33 +503,37 @@ class Scheduler:
         for i, s in enumerate(step.batch):
             if i in step.prompt_rows and not s.req.finished:
                 self._record_prompt_logprobs(s.req, s, step.prompt_rows[i])
-        updated = []
-        for i, req in enumerate(step.drawn):
-            if req.finished:  # finished (or aborted) after this step was launched: the draw is dropped
+        ctx, updated, ended = self.cfg.context_length, [], []
+        logprobs, rejected = out.logprobs, 0
+        for i, (req, token) in enumerate(zip(step.drawn, out.tokens, strict=True)):
+            if req.finish is not None:  # finished (or aborted) after the step was launched: dropped
                 continue
-            token = out.tokens[i]
             updated.append(req)
             if req.constraint is not None and not self._grammar_accepts(req, token):
+                ended.append(req)
+                rejected += 1
                 continue
-            if out.logprobs is not None and req.params.return_logprob:
-                req.output_logprobs.append((out.logprobs[i], token))
+            if logprobs is not None and req.params.return_logprob:
+                req.output_logprobs.append((logprobs[i], token))
                 req.output_top_logprobs.append(out.top_logprobs[i])
-            req.add_token(token, self.cfg.context_length)
-            self.generated_tokens += 1
+            req.add_token(token, ctx)
             if req.constraint is not None:
                 self._follow_grammar(req)
+            if req.finish is not None:
+                ended.append(req)
+        self.generated_tokens += len(updated) - rejected
         for s in step.batch:
             req = s.req
-            if req.params.max_new_tokens == 0 and s.samples and not req.finished:
+            if req.params.max_new_tokens == 0 and s.samples and req.finish is None:
                 req.finish = FinishReason("length")  # prefill only (e.g. to share a prompt among n samples)
                 updated.append(req)
-        for req in updated:
-            if req.finished:
-                self.grammars.release(req)
-                if req.admitted:
-                    self._release(req)
-                elif req in self.waiting:  # retracted while its last draw was in flight
-                    self.waiting.remove(req)
+                ended.append(req)
+        for req in ended:
+            self.grammars.release(req)
+            if req.admitted:
+                self._release(req)
+            elif req in self.waiting:  # retracted while its last draw was in flight
+                self.waiting.remove(req)
         return updated
 
     # -- structured outputs -----------------------------------------------------------
