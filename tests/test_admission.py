@@ -144,12 +144,15 @@ def test_lpm_admits_the_group_whose_prefix_is_cached_first(compiled, groups: int
         sched.cache.flush()
 
 
-@pytest.mark.parametrize("disable_radix_cache", [False, True])
-def test_a_system_prompt_nothing_caches_yet_is_computed_once(compiled, disable_radix_cache: bool) -> None:
+@pytest.mark.parametrize("budget, disable_radix_cache", [(8192, False), (200, False), (8192, True)])
+def test_a_system_prompt_nothing_caches_yet_is_computed_once(
+    compiled, budget: int, disable_radix_cache
+) -> None:
     """Three groups of four requests share uncached 300-token system prompts and arrive interleaved, with
-    two identical short prompts: the first extend batch takes one member of each, the rest wait a step
-    and find their prompt cached (the short one up to its last token), so each shared prompt is computed
-    once. Without the cache every prompt is computed whole, in one batch. Outputs are the same."""
+    two identical short prompts: the first extend batch takes one member of each, the rest wait and
+    find their prompt cached (the short one up to its last token), so each shared prompt is computed
+    once, also when chunks of 200 tokens cut the system prompts. Without the cache every prompt is
+    computed whole. Outputs equal those of each request run alone."""
     import random
 
     rng = random.Random(1)
@@ -163,7 +166,7 @@ def test_a_system_prompt_nothing_caches_yet_is_computed_once(compiled, disable_r
         for g in range(3)
     ] + [Req(f"short{i}", short, params, tok) for i in range(2)]
     cfg = SchedulerConfig(
-        max_total_tokens=20_000, context_length=8192, chunked_prefill_size=8192,
+        max_total_tokens=20_000, context_length=8192, chunked_prefill_size=budget,
         disable_radix_cache=disable_radix_cache,
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)
@@ -179,9 +182,12 @@ def test_a_system_prompt_nothing_caches_yet_is_computed_once(compiled, disable_r
     for r in reqs:
         sched.add(r)
     drain(sched)
+    computed = sum(n for batch in extends for _, n in batch)
     if disable_radix_cache:
-        assert len(extends) == 1 and sum(n for _, n in extends[0]) == sum(len(r.prompt_ids) for r in reqs)
+        assert computed == sum(len(r.prompt_ids) for r in reqs)
     else:
+        assert computed == 3 * 300 + 12 * 8 + len(short) + 1  # each shared token once
+    if budget == 8192 and not disable_radix_cache:
         assert [rid for rid, _ in extends[0]] == ["m0g0", "m0g1", "m0g2", "short0"]
         second = dict(extends[1])
         assert sorted(second) == sorted(r.rid for r in reqs[3:12] + reqs[13:])

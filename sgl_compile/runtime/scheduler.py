@@ -18,9 +18,10 @@ KV goes into the radix cache (unlocked, so it may be evicted), they wait at the
 head of the queue with the tokens generated so far, and the ratio goes back to
 1 (the estimate was too low).
 
-A waiting request whose first tokens another request of the same extend batch is computing (and no
-cached prefix covers) waits one step, then takes them from the cache: a system prompt that arrives with
-its whole group is computed once, not once per member the batch has room for.
+A waiting request that shares more of its prompt with a request of the same extend batch than the cache
+holds (the other is computing those tokens now) waits, then takes them from the cache: a system prompt
+that arrives with its whole group is computed once, not once per member the batch has room for, and
+not again in part where chunking cut it.
 
 Cascade attention (--enable-cascade-attention): decode requests whose KV starts
 with the same cached prefix (a radix-tree node that two of them lock, at least
@@ -49,8 +50,8 @@ from sgl_compile.driver import CompiledModel
 from sgl_compile.errors import SglcError
 from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
-from sgl_compile.runtime.radix_cache import RadixCache
-from sgl_compile.runtime.request import PROMPT_HEAD, FinishReason, Req
+from sgl_compile.runtime.radix_cache import RadixCache, common_prefix
+from sgl_compile.runtime.request import FinishReason, Req
 from sgl_compile.runtime.sampler import DeviceSample, SampleOutput, sample
 from sgl_compile.runtime.structured import GrammarError, Grammars
 
@@ -139,6 +140,12 @@ def _to_host_async(drawn: DeviceSample) -> tuple[DeviceSample, torch.cuda.Event 
     event = torch.cuda.Event()
     event.record()
     return host, event
+
+
+def _needs_uncomputed(req: Req, other: Req) -> bool:
+    """Whether `other`, computing its prompt, computes tokens that `req` would compute too: their common
+    prefix (less req's last token, which is always computed) runs past what other has (all cached)."""
+    return min(common_prefix(req.prompt_ids, other.prompt_ids), len(req.prompt_ids) - 1) > other.kv_len
 
 
 class Scheduler:
@@ -316,20 +323,20 @@ class Scheduler:
         if self.waiting and len(self.running) < self.cfg.max_running_requests and self.table.available():
             self._reserved = sum(self._kv_to_come(r) for r in self.running)
             waiting = self._waiting_in_policy_order()
-        # First tokens (a system prompt) that a request of this batch computes now and nothing caches yet:
-        # others that begin with them wait a step and then find them cached, instead of computing them too.
-        # (A prompt's last token is always computed, so a cached prompt's head ends one token short.)
-        computing: set[int] = set()
+        # Requests of this batch still computing their prompts, by the hash of their first tokens: a waiting
+        # request that needs more of one's prompt than it has computed (a system prompt nothing caches yet,
+        # or the rest of one cut by chunking) waits, then takes those tokens from the cache.
+        computing: dict[int, list[Req]] = {}
         for req in partial + waiting:
             if budget <= 0:
                 break
             if not req.admitted:
-                if req.prompt_head in computing:
+                if any(_needs_uncomputed(req, other) for other in computing.get(req.prompt_head, ())):
                     continue
                 if not self._admit(req):
                     break
-            if not self.cache.disabled and req.kv_len < min(PROMPT_HEAD, len(req.prompt_ids) - 1):
-                computing.add(req.prompt_head)
+            if not self.cache.disabled and req.kv_len < len(req.prompt_ids) - 1:
+                computing.setdefault(req.prompt_head, []).append(req)
             chunk = min(req.seq_len - req.kv_len, budget)
             slots = self._free_slots(chunk)
             if slots is None:
