@@ -50,7 +50,7 @@ from sgl_compile.driver import CompiledModel
 from sgl_compile.errors import SglcError
 from sgl_compile.runtime.kv_pool import KVPool, ReqToTokenPool, to_device
 from sgl_compile.runtime.model_runner import ModelRunner, ScheduledReq
-from sgl_compile.runtime.radix_cache import RadixCache, common_prefix
+from sgl_compile.runtime.radix_cache import RadixCache
 from sgl_compile.runtime.request import FinishReason, Req
 from sgl_compile.runtime.sampler import DeviceSample, SampleOutput, sample
 from sgl_compile.runtime.structured import GrammarError, Grammars
@@ -144,8 +144,10 @@ def _to_host_async(drawn: DeviceSample) -> tuple[DeviceSample, torch.cuda.Event 
 
 def _needs_uncomputed(req: Req, other: Req) -> bool:
     """Whether `other`, computing its prompt, computes tokens that `req` would compute too: their common
-    prefix (less req's last token, which is always computed) runs past what other has (all cached)."""
-    return min(common_prefix(req.prompt_ids, other.prompt_ids), len(req.prompt_ids) - 1) > other.kv_len
+    prefix (less req's last token, which is always computed) runs past what other has (all cached).
+    Members of a group computing their own questions differ right there: one token tells, mostly."""
+    k, a, b = other.kv_len, req.prompt_ids, other.prompt_ids
+    return len(a) - 1 > k and len(b) > k and a[k] == b[k] and a[: k + 1] == b[: k + 1]
 
 
 class Scheduler:
@@ -628,9 +630,10 @@ class Scheduler:
         tokens = req.all_ids[: req.kv_len]
         slots = self.table.slots(req.row, req.kv_len)
         cached = self.cache.insert(tokens, slots)
-        self.kv.free(slots[req.prefix_len : cached])  # duplicates of slots the tree already had
         tree_slots, node = self.cache.match_prefix(tokens)
-        self.table.write(req.row, 0, tree_slots)
+        if cached > req.prefix_len:  # the tree had these already (another request computed them too)
+            self.kv.free(slots[req.prefix_len : cached])
+            self.table.write(req.row, req.prefix_len, tree_slots[req.prefix_len : cached])
         self.cache.lock(node)
         self.cache.unlock(req.last_node)
         req.last_node, req.prefix_len = node, req.kv_len
