@@ -163,3 +163,28 @@ def test_lru_order_and_split_keeps_locks() -> None:
     cache.check_integrity()
     cache.flush()
     assert pool.available() == 10
+
+
+def test_version_changes_with_locks_and_shape_only() -> None:
+    """What the scheduler derives from a request's path (its cascade group) is reused while `version`
+    stands: every lock, unlock, split, new leaf and eviction moves it; lookups and re-inserting cached
+    tokens do not."""
+    pool = KVPool(1, 16, 1, 1, torch.float32, "cpu")
+    cache = RadixCache(pool.free)
+    a = pool.alloc(4)
+    changes = [
+        lambda: cache.insert([1, 2, 3, 4], a),  # a new leaf
+        lambda: cache.lock(cache.match_prefix([1, 2, 3, 4])[1]),
+        lambda: cache.insert([1, 2, 9], [*a[:2], *pool.alloc(1)]),  # a split and a leaf
+        lambda: cache.unlock(cache.match_prefix([1, 2, 3, 4])[1]),
+        lambda: cache.evict(1),
+    ]
+    for change in changes:
+        before = cache.version
+        change()
+        assert cache.version != before
+    before = cache.version
+    cache.match_prefix([1, 2, 3, 4])
+    assert cache.insert([1, 2], cache.match_prefix([1, 2])[0]) == 2  # all cached already
+    assert cache.version == before
+    cache.check_integrity()
