@@ -198,3 +198,29 @@ def test_a_system_prompt_nothing_caches_yet_is_computed_once(
         twin = Req(r.rid, r.prompt_ids, params, tok)
         run_to_completion(alone, [twin])
         assert twin.output_ids == r.output_ids
+
+
+def test_a_request_recomputing_a_cached_prompt_for_logprobs_holds_nobody_back(compiled) -> None:
+    """A request that wants prompt logprobs recomputes its cached system prompt: another request on the
+    same cached prompt is admitted with it, not made to wait for tokens the cache already holds."""
+    import random
+
+    rng = random.Random(3)
+    tok = compiled.tokenizer
+    system = [rng.randrange(100, 40000) for _ in range(300)]
+    sched = Scheduler(
+        compiled, SchedulerConfig(max_total_tokens=20_000, context_length=8192, chunked_prefill_size=8192)
+    )
+    sched.cache.insert(system, sched.kv.alloc(len(system)))
+    wants = SamplingParams(temperature=0, max_new_tokens=2, return_logprob=True, logprob_start_len=0)
+    plain = SamplingParams(temperature=0, max_new_tokens=2)
+    reqs = [
+        Req("logprobs", system + [rng.randrange(100, 40000) for _ in range(8)], wants, tok),
+        Req("plain", system + [rng.randrange(100, 40000) for _ in range(8)], plain, tok),
+    ]
+    batches, run = [], sched.runner.run
+    sched.runner.run = lambda batch: batches.append({s.req.rid: s.length for s in batch}) or run(batch)
+    for r in reqs:
+        sched.add(r)
+    drain(sched)
+    assert batches[0] == {"logprobs": 308, "plain": 8}

@@ -337,7 +337,12 @@ class Scheduler:
                     continue
                 if not self._admit(req):
                     break
-            if not self.cache.disabled and req.kv_len < len(req.prompt_ids) - 1:
+            # (one recomputing its prompt for prompt logprobs computes what the cache holds: not waited for)
+            if (
+                not self.cache.disabled
+                and req.kv_len < len(req.prompt_ids) - 1
+                and not req.wants_prompt_logprobs
+            ):
                 computing.setdefault(req.prompt_head, []).append(req)
             chunk = min(req.seq_len - req.kv_len, budget)
             slots = self._free_slots(chunk)
