@@ -102,22 +102,21 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self, cuda_graph_max_bs)
 
-    def alloc_future(self, n: int) -> int:
-        """The first of n consecutive rows of the future-token buffer for n draws: row i of them is
-        (first + i) % len(future) (a ring: rows are reused three steps later)."""
-        first = self._next_future
-        self._next_future = (first + n) % self.future.shape[0]
-        return first
+    def alloc_future(self, n: int) -> list[int]:
+        """Rows of the future-token buffer for n draws (a ring: rows are reused three steps later);
+        consecutive but for the wrap, so built from two ranges."""
+        size, first = self.future.shape[0], self._next_future
+        self._next_future = (first + n) % size
+        return [*range(first, min(first + n, size)), *range(first + n - size)]
 
-    def store_future(self, first: int, tokens: Tensor) -> None:
-        """tokens into the rows alloc_future gave: slices on either side of the ring's wrap (device
-        copies, no index list to send)."""
-        n = tokens.shape[0]
-        wrap = min(n, self.future.shape[0] - first)
+    def store_future(self, rows: list[int], tokens: Tensor) -> None:
+        """tokens into the rows alloc_future gave: consecutive but for the ring's wrap, so slices
+        (device copies, no index list to send)."""
+        wrap = min(len(rows), self.future.shape[0] - rows[0]) if rows else 0
         if wrap:
-            self.future[first : first + wrap].copy_(tokens[:wrap])
-        if wrap < n:
-            self.future[: n - wrap].copy_(tokens[wrap:])
+            self.future[rows[0] : rows[0] + wrap].copy_(tokens[:wrap])
+        if wrap < len(rows):
+            self.future[: len(rows) - wrap].copy_(tokens[wrap:])
 
     def run(self, batch: list[ScheduledReq]) -> Tensor:
         """Queue one step's forward; its logits [rows, vocab] in the program's dtype (nothing is read

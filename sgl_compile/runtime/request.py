@@ -117,10 +117,7 @@ class Req:
         """Tokens sampled so far, pending ones included."""
         return len(self.output_ids)
 
-    @property
-    def draw_index(self) -> int:
-        """The index in the output of the token its next draw samples (the sampler's SampleRow)."""
-        return len(self.output_ids)
+    draw_index = num_output  # the index in the output of the token its next draw samples (a SampleRow)
 
     def can_extend(self, context_len: int) -> bool:
         """Whether another token may be drawn before the pending ones are known (they could still finish

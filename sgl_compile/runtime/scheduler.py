@@ -129,6 +129,17 @@ class _Inflight:
         return drawn.to_host(self.drawn)
 
 
+@dataclass
+class _CascadeGroups:
+    """A decode batch's cascade grouping, valid while the tree's version and the batch stand."""
+
+    version: int  # RadixCache.version it was derived at
+    reqs: list[Req]  # the batch as scheduled
+    ordered: list[Req]  # reordered: each group's members adjacent
+    shared: list[tuple[object, int] | None]  # per ordered request: its group's (node, shared slots)
+    saved: int  # KV reads (per layer) the grouping saves a step
+
+
 def _to_host_async(drawn: DeviceSample) -> tuple[DeviceSample, torch.cuda.Event | None]:
     """Start copying the draws to (pinned) host memory; the event marks when they are there."""
     if drawn.tokens.device.type != "cuda":
@@ -177,7 +188,7 @@ class Scheduler:
         self._reserved = 0  # during _schedule_extend: KV the running requests still need
         self.grammars = Grammars(compiled.tokenizer, c.vocab_size, cfg.max_running_requests)
         self._inflight: _Inflight | None = None
-        self._cascade_memo: tuple | None = None  # (tree version, requests, ordered, shared, saved reads)
+        self._cascade_memo: _CascadeGroups | None = None
 
     # -- requests in and out --------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -406,9 +417,9 @@ class Scheduler:
                 victim = reqs.pop()  # the newest
                 log.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)
                 self._retract(victim)
-        shared = self._cascade_groups(reqs) if self.cfg.enable_cascade_attention else None
-        if shared is not None:
-            reqs, shared = shared
+        shared = None
+        if self.cfg.enable_cascade_attention:
+            reqs, shared = self._cascade_groups(reqs)
         slots = self.kv.alloc(len(reqs)) or []
         batch = [
             ScheduledReq(r, r.kv_len, 1, [slot], [r.kv_len]) for r, slot in zip(reqs, slots, strict=True)
@@ -424,9 +435,9 @@ class Scheduler:
         nor the tree's locks change (most decode steps): the walk up each request's path is the
         costliest per-request work of a step."""
         memo = self._cascade_memo
-        if memo is not None and memo[0] == self.cache.version and memo[1] == reqs:
-            self.cascade_shared_tokens += memo[4]
-            return memo[2], memo[3]
+        if memo is not None and memo.version == self.cache.version and memo.reqs == reqs:
+            self.cascade_shared_tokens += memo.saved
+            return memo.ordered, memo.shared
         by_node: dict[int, list[tuple[Req, tuple[object, int] | None]]] = {}
         for r in reqs:
             found = self._shared_prefix(r)
@@ -439,7 +450,7 @@ class Scheduler:
                 saved += members[0][1][1] * (len(members) - 1)
             ordered += [r for r, _ in members]
             shared += [found for _, found in members]
-        self._cascade_memo = (self.cache.version, list(reqs), ordered, shared, saved)
+        self._cascade_memo = _CascadeGroups(self.cache.version, list(reqs), ordered, shared, saved)
         self.cascade_shared_tokens += saved
         return ordered, shared
 
@@ -469,7 +480,7 @@ class Scheduler:
         row = 0
         for i, s in enumerate(batch):
             req, n, length = s.req, len(s.logit_positions), s.length
-            if req.params.return_logprob and req.wants_prompt_logprobs and n:
+            if req.wants_prompt_logprobs and n:
                 prompt_rows[i] = logits[row : row + n].clone()
             row += n
             req.kv_len += length
@@ -503,11 +514,10 @@ class Scheduler:
                 picked = picked.to(torch.float32, copy=picked is logits)
                 self.grammars.mask(picked, constrained)
             drawn = sample(picked, reqs)  # (each request is its own sampler row)
-            first = self.runner.alloc_future(len(reqs))
-            self.runner.store_future(first, drawn.tokens)
-            size = self.runner.future.shape[0]
-            for j, req in enumerate(reqs, first):
-                req.add_pending(j % size)
+            future = self.runner.alloc_future(len(reqs))
+            self.runner.store_future(future, drawn.tokens)
+            for req, f in zip(reqs, future, strict=True):
+                req.add_pending(f)
             inflight.sample = _to_host_async(drawn)
         return inflight
 
