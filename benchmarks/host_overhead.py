@@ -2,6 +2,7 @@
 
     python benchmarks/host_overhead.py [--batch 256] [--prompt-len 500] [--steps 50] [--profile]
         [--groups 16 --shared-len 2048 --cascade]   # prompts sharing system prompts, cascade grouping
+        [--no-decode-inputs]   # leave out the CPU reference of the decode-inputs kernel (CUDA: one launch)
 
 What the GPU waits for between graph replays when scheduling is not overlapped: batch
 building, table writes, sampling bookkeeping, detokenization. Runs on any machine.
@@ -18,6 +19,7 @@ import time
 import torch
 
 from sgl_compile.driver import compile_model
+from sgl_compile.runtime import model_runner
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
@@ -46,10 +48,16 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=0, help="prompts share one of this many system prompts")
     ap.add_argument("--shared-len", type=int, default=0, help="system prompt tokens (of --prompt-len)")
     ap.add_argument("--cascade", action="store_true", help="group the decode batch for cascade attention")
+    ap.add_argument(
+        "--no-decode-inputs", action="store_true",
+        help="skip the CPU reference that fills the decode inputs (on CUDA one kernel launch does it)",
+    )  # fmt: skip
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sort", default="cumtime", help="cProfile order: cumtime | tottime")
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
+    if args.no_decode_inputs:  # the stand-in program reads none of them
+        model_runner.decode_inputs_reference = lambda *_: None
     compiled = compile_model(model="dummy:smollm2-135m")
     vocab = compiled.config.vocab_size
     compiled.program = ConstantLogits()
