@@ -20,12 +20,14 @@ from sgl_compile.runtime.launch import EngineArgs, load_program
 MODEL = "dummy:smollm2-135m"
 
 
-def greedy(device: str, prompts: list[list[int]], tokens: int, **options) -> list[list[int]]:
+def greedy(device: str, prompts: list[list[int]], tokens: int, **options) -> tuple[list[list[int]], dict]:
+    """The outputs, and the scheduler's stats after the run."""
     params = {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}
     with Engine(
         model=MODEL, dtype="float32", device=device, max_total_tokens=32768, context_length=2048, **options
     ) as e:
-        return [o["output_ids"] for o in e.generate(input_ids=prompts, sampling_params=params)]
+        outs = e.generate(input_ids=prompts, sampling_params=params)
+        return [o["output_ids"] for o in outs], e.get_stats()
 
 
 def last_logits(dtype: str, device: str, ids: list[int]) -> torch.Tensor:
@@ -45,14 +47,14 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(49152) for _ in range(rng.randint(8, 200))] for _ in range(args.batch)]
-    gpu, cpu = greedy("cuda", prompts, args.tokens), greedy("cpu", prompts, args.tokens)
+    gpu, cpu = greedy("cuda", prompts, args.tokens)[0], greedy("cpu", prompts, args.tokens)[0]
     same = sum(g == c for g, c in zip(gpu, cpu, strict=True))
     first_diff = [next((i for i, (a, b) in enumerate(zip(g, c, strict=True)) if a != b), None)
                   for g, c in zip(gpu, cpu, strict=True)]  # fmt: skip
     shared = [rng.randrange(49152) for _ in range(600)]
     grouped = [shared + [rng.randrange(49152) for _ in range(rng.randint(1, 60))] for _ in range(args.batch)]
-    cascade = greedy("cuda", grouped, args.tokens, enable_cascade_attention=True)
-    cascade_same = sum(g == c for g, c in zip(cascade, greedy("cpu", grouped, args.tokens), strict=True))
+    cascade, stats = greedy("cuda", grouped, args.tokens, enable_cascade_attention=True)
+    cascade_same = sum(g == c for g, c in zip(cascade, greedy("cpu", grouped, args.tokens)[0], strict=True))
     ids = prompts[0][:128]
     ref = last_logits("float32", "cpu", ids)
     bf16 = last_logits("bfloat16", "cuda", ids)
@@ -61,6 +63,7 @@ def main() -> None:
         "fp32_greedy_identical_requests": f"{same}/{len(prompts)}",
         "fp32_first_divergence": first_diff,
         "fp32_cascade_greedy_identical_requests": f"{cascade_same}/{len(grouped)}",
+        "cascade_steps": stats["cascade_steps"],  # decode steps that ran the cascade graphs
         "fp32_logits_max_abs_diff": (fp32_gpu - ref).abs().max().item(),
         "bf16_logits_max_abs_diff": (bf16 - ref).abs().max().item(),
         "logits_max_abs": ref.abs().max().item(),

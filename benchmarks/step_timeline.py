@@ -77,9 +77,11 @@ def main() -> None:
     log: list[dict] = []
 
     def recorded(batch):
-        decode = all(s.length == 1 for s in batch)
+        kind = "extend"
+        if all(s.length == 1 for s in batch):  # (a decode step with cascade groups is told apart)
+            kind = "decode-cascade" if any(s.shared is not None for s in batch) else "decode"
         log.append({
-            "kind": "decode" if decode else "extend", "reqs": len(batch), "tokens": sum(s.length for s in batch),
+            "kind": kind, "reqs": len(batch), "tokens": sum(s.length for s in batch),
             "kv_tokens": sum(s.start + s.length for s in batch),
         })  # fmt: skip
         return launch_step(batch)
@@ -138,7 +140,7 @@ def main() -> None:
         k["steps"] += 1
         k["wall_s"] += e["wall"]
         k["tokens"] += e["tokens"]
-        if e["kind"] == "decode":
+        if e["kind"].startswith("decode"):
             floor = (e["kv_tokens"] * kv_bytes + weight_bytes) / BANDWIDTH
             k["floor_s"] += floor
             b = buckets[min(256, 32 * (1 + (e["reqs"] - 1) // 32))]

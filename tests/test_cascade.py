@@ -1,13 +1,15 @@
 """Cascade attention in the runtime: decode requests sharing a cached prefix are grouped, so that the
 prefix's KV is read once per group. On CPU the reference `sglc::paged_attention` checks every group's
 claim (same leading KV slots) at every layer of every step; the kernels are tested in
-test_attention_kernels.py."""
+test_attention_kernels.py. A step names its groups only where they save cascade_min_saved of its KV
+reads; otherwise it runs plain decode."""
 
 from __future__ import annotations
 
 import pytest
 
 from sgl_compile.driver import compile_model
+from sgl_compile.errors import SglcError
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import CASCADE_MIN_SHARED, Scheduler, SchedulerConfig
@@ -26,7 +28,7 @@ def compiled(smollm2_gguf):
 def _run(compiled, cascade: bool, overlap: bool = True) -> tuple[list[Req], Scheduler]:
     cfg = SchedulerConfig(
         max_total_tokens=4000, context_length=8192, chunked_prefill_size=512, overlap=overlap,
-        enable_cascade_attention=cascade,
+        enable_cascade_attention=cascade, cascade_min_saved=0.6,
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)
     tok = compiled.tokenizer
@@ -48,12 +50,62 @@ def test_cascade_groups_shared_prefixes_and_keeps_the_outputs(compiled, overlap:
     # six requests decode over the shared system prompt: five of them read it through their group
     assert sched.cascade_shared_tokens >= 5 * CASCADE_MIN_SHARED
     assert sched.stats()["cascade_shared_tokens"] == sched.cascade_shared_tokens
+    assert sched.stats()["cascade_steps"] == sched.cascade_steps >= 10
+
+
+def _decode_steps(sched: Scheduler) -> list[bool]:
+    """Records, per decode step the runner is given, whether it names cascade groups."""
+    grouped, run = [], sched.runner.run
+
+    def recording(batch):
+        if all(s.length == 1 for s in batch):
+            grouped.append(any(s.shared is not None for s in batch))
+        return run(batch)
+
+    sched.runner.run = recording
+    return grouped
+
+
+def test_steps_whose_groups_save_too_little_run_plain_decode(compiled) -> None:
+    """Two requests over one system prompt save about half of the reads: with the threshold at 0.45
+    the first steps are grouped; as each output grows its own part, the share falls under it and the
+    rest decode plain, with the outputs of a run without cascade. At the default threshold no step is
+    grouped."""
+    tok = compiled.tokenizer
+    system = prompts.LONG[:1200]
+    texts = [system + "\n" + q for q in QUESTIONS[:2]]
+    params = SamplingParams(temperature=0, max_new_tokens=48, ignore_eos=True)
+    outputs, steps = [], []
+    for cascade, min_saved in ((False, 0.0), (True, 0.45), (True, 0.75)):
+        cfg = SchedulerConfig(
+            max_total_tokens=4000, context_length=8192, enable_cascade_attention=cascade,
+            cascade_min_saved=min_saved,
+        )  # fmt: skip
+        sched = Scheduler(compiled, cfg)
+        grouped = _decode_steps(sched)
+        reqs = [Req(f"r{i}", tok.encode(t), params, tok) for i, t in enumerate(texts)]
+        run_to_completion(sched, reqs)
+        outputs.append([r.output_ids for r in reqs])
+        steps.append((grouped, sched.cascade_steps))
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert not any(steps[0][0]) and steps[0][1] == 0
+    grouped, n = steps[1]
+    k = grouped.index(False)  # grouped first, then plain to the end
+    assert 0 < k == n and not any(grouped[k:]) and len(grouped) - k >= 5
+    assert not any(steps[2][0]) and steps[2][1] == 0
+
+
+def test_cascade_min_saved_is_a_share() -> None:
+    with pytest.raises(SglcError, match="cascade_min_saved"):
+        SchedulerConfig(max_total_tokens=100, context_length=64, cascade_min_saved=1.5)
 
 
 def test_groups_are_contiguous_and_name_shared_slots(compiled) -> None:
     """The metadata decode batches carry: consecutive groups, each member's leading slots those of its
     group's first member, the unshared request alone."""
-    cfg = SchedulerConfig(max_total_tokens=4000, context_length=8192, enable_cascade_attention=True)
+    cfg = SchedulerConfig(
+        max_total_tokens=4000, context_length=8192, enable_cascade_attention=True, cascade_min_saved=0
+    )  # (groups of any size pay here: it is their metadata under test)
     sched = Scheduler(compiled, cfg)
     tok = compiled.tokenizer
     system = prompts.LONG[:1200]

@@ -45,6 +45,7 @@ def offline_throughput(engine: Engine, requests: list[BenchRequest]) -> dict[str
         "total_throughput": (in_tokens + out_tokens) / duration,
         "forward_steps": after["forward_steps"] - before["forward_steps"],
         "num_retractions": after["num_retractions"] - before["num_retractions"],
+        "cascade_steps": after["cascade_steps"] - before["cascade_steps"],
         "max_total_tokens": engine.scheduler.kv.size,
     }
 

@@ -6,6 +6,11 @@ Replaying a captured graph launches them all at once. Inputs live in static
 buffers, which the runner fills on the device before each replay; a batch is
 padded up to its bucket with rows that write no KV (slot -1), attend to one
 dummy key, and whose logits are dropped.
+
+With cascade attention each bucket has two graphs: plain decode, and decode
+over the batch's cascade groups. The runner picks per step (the scheduler names
+groups only where they pay), so a batch without groups runs exactly the kernels
+it would without cascade.
 """
 
 from __future__ import annotations
@@ -46,20 +51,22 @@ class DecodeGraphs:
         self.kv_indptr = torch.arange(self.max_bs + 1, **i64)  # one key per padding row
         self.kv_indices = torch.zeros(self.max_kv, **i64)  # padding rows read slot 0: harmless
         self.logits_indices = torch.arange(self.max_bs, **i64)
+        self.modes = (False, True) if runner.cascade else (False,)  # graphs without / with groups
         self.one_to_max = torch.arange(1, self.max_bs + 1, **i64)  # padding rows' cascade groups
         # Cascade: every row its own group unless the batch says otherwise (padding rows stay alone).
-        self.cascade_indptr = torch.arange(self.max_bs + 1, **i64) if runner.cascade else runner._empty
-        self.shared_len = torch.zeros(self.max_bs, **i64) if runner.cascade else runner._empty
+        self.cascade_indptr = torch.arange(self.max_bs + 1, **i64)
+        self.shared_len = torch.zeros(self.max_bs, **i64)
         attention = runner.attention  # plans each replay where flashinfer runs decode
         self.attention = attention if attention is not None and attention.decode_enabled else None
         if self.attention is not None:
             self.attention.reserve_graphs(self.max_bs, self.max_kv)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (bucket, with groups)
+        self.outputs: dict[tuple[int, bool], Tensor] = {}
         self.pool = None
         self._capture()
 
-    def _inputs(self, bs: int) -> dict[str, Tensor]:
+    def _inputs(self, bs: int, cascade: bool) -> dict[str, Tensor]:
+        empty = self.runner._empty
         return {
             "input_ids": self.input_ids[:bs],
             "positions": self.positions[:bs],
@@ -67,8 +74,8 @@ class DecodeGraphs:
             "qo_indptr": self.qo_indptr[: bs + 1],
             "kv_indptr": self.kv_indptr[: bs + 1],
             "kv_indices": self.kv_indices,
-            "cascade_indptr": self.cascade_indptr[: bs + 1],  # (empty without cascade)
-            "shared_len": self.shared_len[:bs],
+            "cascade_indptr": self.cascade_indptr[: bs + 1] if cascade else empty,
+            "shared_len": self.shared_len[:bs] if cascade else empty,
             "logits_indices": self.logits_indices[:bs],
         }
 
@@ -77,22 +84,24 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for bs in tqdm(list(reversed(self.buckets)), desc="capturing CUDA graphs", unit="graph"):
-                inputs = self._inputs(bs)
+            keys = [(bs, cascade) for bs in reversed(self.buckets) for cascade in self.modes]
+            for bs, cascade in tqdm(keys, desc="capturing CUDA graphs", unit="graph"):
+                inputs = self._inputs(bs, cascade)
                 if self.attention is not None:  # capture with every row on one key; replays re-plan
                     self.attention.plan_graph(bs, list(range(bs + 1)), self.kv_indices)
                 for _ in range(2):  # compile kernels and settle allocations outside the capture
                     self.runner.run_program(inputs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[bs] = self.runner.run_program(inputs)
+                    self.outputs[bs, cascade] = self.runner.run_program(inputs)
                 self.pool = graph.pool()
-                self.graphs[bs] = graph
+                self.graphs[bs, cascade] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         log.info(
-            "captured %d CUDA graphs (batch sizes %d..%d) in %.1fs",
-            len(self.graphs), self.buckets[0], self.max_bs, time.perf_counter() - start,
+            "captured %d CUDA graphs (batch sizes %d..%d%s) in %.1fs",
+            len(self.graphs), self.buckets[0], self.max_bs, ", plain and cascade" if len(self.modes) > 1 else "",
+            time.perf_counter() - start,
         )  # fmt: skip
 
     def bucket(self, n: int, n_kv: int) -> int | None:
@@ -101,10 +110,10 @@ class DecodeGraphs:
             return None
         return next(x for x in self.buckets if x >= n)
 
-    def inputs(self, bs: int) -> dict[str, Tensor]:
-        """The static buffers bucket bs reads; the runner fills them (padding rows included) before
-        `replay`."""
-        return self._inputs(bs)
+    def inputs(self, bs: int, cascade: bool) -> dict[str, Tensor]:
+        """The static buffers bucket bs reads (with or without groups); the runner fills them (padding
+        rows included) before `replay`."""
+        return self._inputs(bs, cascade)
 
     def set_groups(self, bs: int, cascade_indptr: Tensor, shared_len: Tensor) -> None:
         b = shared_len.shape[0]
@@ -113,12 +122,12 @@ class DecodeGraphs:
         self.shared_len[:b].copy_(shared_len)
         self.shared_len[b:bs].zero_()
 
-    def replay(self, bs: int, n: int, host_kv_indptr: list[int] | None = None) -> Tensor:
+    def replay(self, bs: int, n: int, cascade: bool, host_kv_indptr: list[int] | None = None) -> Tensor:
         """Logits of the batch's n rows; host_kv_indptr (the real rows') where flashinfer plans."""
         if self.attention is not None:
             kvp = host_kv_indptr
             self.attention.plan_graph(
                 bs, kvp + list(range(kvp[-1] + 1, kvp[-1] + 1 + bs - n)), self.kv_indices
             )
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        self.graphs[bs, cascade].replay()
+        return self.outputs[bs, cascade][:n]

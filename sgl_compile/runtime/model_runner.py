@@ -9,10 +9,10 @@ copy of the host's per-request state (`codegen/decode_inputs.py`); on CUDA it
 then replays a CUDA graph captured per batch-size bucket (`cuda_graphs.py`).
 Everything else is built op by op and runs eagerly.
 
-With cascade attention on, a decode batch names its groups of requests that
-share a cached prefix (consecutive in the batch; the scheduler forms them), so
-that attention reads each group's shared KV once; otherwise those inputs are
-empty.
+With cascade attention on, a decode batch may name groups of requests that
+share a cached prefix (consecutive in the batch; the scheduler forms them where
+they pay), so that attention reads each group's shared KV once; a batch that
+names none runs plain decode, its inputs empty.
 
 Tokens sampled by a step that is still running are not known on the host when
 the next step is built: the request holds a placeholder (-1 - i) and the input
@@ -138,9 +138,10 @@ class ModelRunner:
             self.table.host[req.row][s.start : s.start + 1] = s.new_slots
         meta = to_device(tokens + kv_lens + slots + rows, self.device).view(4, n)
         n_kv = sum(kv_lens)
+        grouped = self.cascade and any(s.shared is not None for s in batch)
         bs = self.graphs.bucket(n, n_kv) if self.graphs is not None else None
         if bs is not None:
-            inputs = self.graphs.inputs(bs)
+            inputs = self.graphs.inputs(bs, grouped)
         else:
             i64 = {"dtype": torch.int64, "device": self.device}
             inputs = {
@@ -155,7 +156,7 @@ class ModelRunner:
             meta, self.table.table, self.future, inputs["input_ids"], inputs["positions"],
             inputs["slot_mapping"], inputs["kv_indptr"], inputs["kv_indices"],
         )  # fmt: skip
-        if self.cascade:
+        if grouped:
             groups, shared = self._groups(batch)
             if bs is None:
                 inputs["cascade_indptr"], inputs["shared_len"] = groups, shared
@@ -170,7 +171,7 @@ class ModelRunner:
         if self.attention is not None:  # a planning backend reads the batch's layout from the host
             host_kvp = [0, *itertools.accumulate(kv_lens)]
         if bs is not None:
-            return self.graphs.replay(bs, n, host_kvp)
+            return self.graphs.replay(bs, n, grouped, host_kvp)
         if self.attention is not None:
             self.attention.plan(list(range(n + 1)), host_kvp, inputs["kv_indices"])
         return self.run_program(inputs)
@@ -194,7 +195,7 @@ class ModelRunner:
         self.table.write_many(rows, [s.start for s in batch], [s.new_slots for s in batch])
         kv_indices = self.table.gather(rows, [s.start + s.length for s in batch])
         groups, shared = self._empty, self._empty
-        if self.cascade and len(ids) == len(batch):
+        if self.cascade and len(ids) == len(batch) and any(s.shared is not None for s in batch):
             groups, shared = self._groups(batch)
         return ForwardBatch(
             input_ids, to_device(pos, dev), to_device(slots, dev), to_device(qo, dev), to_device(kvp, dev),
