@@ -179,9 +179,10 @@ def _kernel_times(fn) -> str:
 
 
 # The decode batches of bar 4's workload (64 groups x 16 prompts sharing 2048 tokens): what the
-# scheduler formed at its step 600 (13 full groups, 6 partial ones, 1 alone; 256 requests), and the
-# batch it would hold if all 1024 requests ran at once.
-STEP_600 = [(2048, 16)] * 13 + [(2048, n) for n in (15, 10, 7, 7, 4, 4)] + [(0, 1)]
+# scheduler forms at its decode step 600 (`benchmarks/schedule_replay.py --enable-cascade-attention
+# --show-steps 600`: 13 full groups, 6 partial ones, 1 alone; 256 requests), and the batch it holds
+# with --max-running-requests 1024.
+STEP_600 = [(2048, 16)] * 13 + [(2048, n) for n in (15, 9, 8, 7, 5, 3)] + [(0, 1)]
 
 
 def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:

@@ -224,3 +224,17 @@ def test_a_request_recomputing_a_cached_prompt_for_logprobs_holds_nobody_back(co
         sched.add(r)
     drain(sched)
     assert batches[0] == {"logprobs": 308, "plain": 8}
+
+
+def test_bar_4s_workload_computes_each_prompt_token_once_and_groups_every_decode_step() -> None:
+    """The whole shared-prefix workload (64 system prompts of 2048 tokens x 16 questions of 128, 256
+    out) through the scheduler with a stand-in model: the extends compute exactly the unique prompt
+    tokens, decode runs full batches of 256, and with cascade every decode step is grouped."""
+    from benchmarks.schedule_replay import parser, replay
+
+    result = replay(parser().parse_args(["--enable-cascade-attention", "--show-steps", "600"]))
+    assert result["prompt_tokens_computed"] == 64 * 2048 + 1024 * 128
+    assert result["decode_steps"] == 1020 and result["decode_batch_sizes"][256] >= 1000
+    assert result["cascade_steps"] == result["decode_steps"]
+    assert result["num_retractions"] == 0
+    assert result["groupings"][600].startswith("256 requests: groups of 16 x13")
