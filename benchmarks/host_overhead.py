@@ -20,6 +20,7 @@ import torch
 
 from sgl_compile.driver import compile_model
 from sgl_compile.runtime import model_runner
+from sgl_compile.runtime.launch import freeze_gc
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
@@ -68,6 +69,7 @@ def main() -> None:
         max_running_requests=args.batch, chunked_prefill_size=1 << 30, enable_cascade_attention=args.cascade,
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)
+    freeze_gc()  # as the engine does once it serves
     rng = random.Random(0)
     params = SamplingParams(max_new_tokens=args.steps + 4, temperature=0, ignore_eos=True)
     systems = [[rng.randrange(vocab) for _ in range(args.shared_len)] for _ in range(args.groups)]

@@ -17,6 +17,7 @@ scheduler's own, without the CPU reference of the decode-inputs kernel (one laun
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from benchmarks.host_overhead import ConstantLogits
 from sgl_compile.bench.datasets import random_dataset, shared_prefix_dataset
 from sgl_compile.driver import compile_model
 from sgl_compile.runtime import model_runner
+from sgl_compile.runtime.launch import freeze_gc
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
@@ -56,6 +58,7 @@ def replay(args: argparse.Namespace) -> dict:
         return _replay(args)
     finally:
         model_runner.decode_inputs_reference = reference
+        gc.unfreeze()
 
 
 def _replay(args: argparse.Namespace) -> dict:
@@ -75,6 +78,7 @@ def _replay(args: argparse.Namespace) -> dict:
         enable_cascade_attention=args.enable_cascade_attention,
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)
+    freeze_gc()  # as the engine does once it serves
     for i, r in enumerate(data):
         sched.add(
             Req(
@@ -109,11 +113,27 @@ def _replay(args: argparse.Namespace) -> dict:
 
     sched.runner.run = recorded
     host = Counter()  # seconds of scheduler steps by the kind of batch they launched
+    collections: Counter[int] = Counter()
+    collecting = {"s": 0.0, "started": 0.0, "longest": 0.0}
+
+    def timed(phase: str, info: dict) -> None:  # the cycle collector's pauses (the GPU waits through them)
+        if phase == "start":
+            collecting["started"] = time.perf_counter()
+            return
+        pause = time.perf_counter() - collecting["started"]
+        collections[info["generation"]] += 1
+        collecting["s"] += pause
+        collecting["longest"] = max(collecting["longest"], pause)
+
+    gc.callbacks.append(timed)
     start = time.perf_counter()
-    while sched.has_work():
-        t, before = time.perf_counter(), extend["steps"]
-        sched.step()
-        host["extend" if extend["steps"] > before else "decode"] += time.perf_counter() - t
+    try:
+        while sched.has_work():
+            t, before = time.perf_counter(), extend["steps"]
+            sched.step()
+            host["extend" if extend["steps"] > before else "decode"] += time.perf_counter() - t
+    finally:
+        gc.callbacks.remove(timed)
     wall = time.perf_counter() - start
     stats = sched.stats()
     decode_steps = sum(decode_sizes.values())
@@ -125,6 +145,8 @@ def _replay(args: argparse.Namespace) -> dict:
         "groupings": groupings, "num_retractions": stats["num_retractions"],
         "host_s": wall, "host_ms_per_decode_step": host["decode"] / max(1, decode_steps) * 1e3,
         "host_ms_per_extend_step": host["extend"] / max(1, extend["steps"]) * 1e3,
+        "gc_collections_by_generation": dict(sorted(collections.items())), "gc_s": collecting["s"],
+        "gc_longest_ms": collecting["longest"] * 1e3,
     }  # fmt: skip
     return result
 

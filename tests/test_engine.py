@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -146,12 +147,14 @@ def test_small_pool_retracts_and_evicts_but_stays_correct(smollm2_gguf, mixed, r
     picked = [i for i, ids in enumerate(mixed) if len(ids) <= 60][:12]
     small = {"max_total_tokens": 400, "chunked_prefill_size": 64, "schedule_conservativeness": 0.0}
     with Engine(model=str(smollm2_gguf), **small) as e:
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of the cycle collector's way
         out = e.generate(input_ids=[mixed[i] for i in picked], sampling_params=GREEDY)
         assert _ids(out) == [reference[i] for i in picked]
         assert e.get_stats()["num_retractions"] > 0
         assert e.flush_cache()
         e.check_no_leaks()
         assert e.scheduler.kv.available() == 400
+    assert gc.get_freeze_count() == 0  # and back once the engine is shut down
 
 
 def test_request_that_can_never_fit_gets_a_clear_error(smollm2_gguf) -> None:

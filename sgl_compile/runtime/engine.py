@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -18,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from sgl_compile.errors import SglcError
-from sgl_compile.runtime.launch import EngineArgs, launch
+from sgl_compile.runtime.launch import EngineArgs, freeze_gc, launch
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 
@@ -52,6 +53,7 @@ class Engine:
 
     def __init__(self, args: EngineArgs | None = None, **options: Any) -> None:
         launched = launch(args or EngineArgs(**options))
+        freeze_gc()
         self.compiled, self.scheduler = launched.compiled, launched.scheduler
         self.tokenizer = self.compiled.tokenizer
         self.context_length, self.eos_ids = launched.context_length, launched.eos_ids
@@ -251,6 +253,7 @@ class Engine:
     def shutdown(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=10)
+        gc.unfreeze()  # what freeze_gc exempted, this engine's scheduler with it, is collectable again
 
     def __enter__(self) -> Engine:
         return self

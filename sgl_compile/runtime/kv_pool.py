@@ -8,6 +8,7 @@ request can be shared by the radix cache without page alignment.
 from __future__ import annotations
 
 import array
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +17,12 @@ from sgl_compile.errors import SglcError
 
 
 class KVPool:
-    """k/v: [layers, slots, kv_heads, head_dim]. Slots are allocated and freed in any order."""
+    """k/v: [layers, slots, kv_heads, head_dim]. Slots are allocated and freed in any order.
+
+    The host's bookkeeping of slots (here, the request-to-token rows, the radix tree's nodes) is kept in
+    arrays, not lists: Python's cycle collector walks every element of every list it tracks, and the
+    lists of a large pool and of 1024 requests' rows held millions of them, a full collection 227 ms
+    at batch 1024 (benchmarks/host_overhead.py) during which the GPU waits. Arrays are not tracked."""
 
     def __init__(
         self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device
@@ -27,8 +33,8 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.size = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # a stack: pop() hands out low slots first
-        self._is_free = [True] * num_slots
+        self._free = array.array("q", range(num_slots - 1, -1, -1))  # a stack: low slots handed out first
+        self._is_free = bytearray(b"\x01") * num_slots
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -41,16 +47,19 @@ class KVPool:
         """n free slots, or None (and nothing taken) if fewer than n are free."""
         if n > len(self._free):
             return None
-        slots = [self._free.pop() for _ in range(n)]
+        if n == 0:
+            return []
+        slots = self._free[-n:].tolist()[::-1]  # (the stack's top first)
+        del self._free[-n:]
         for s in slots:
-            self._is_free[s] = False
+            self._is_free[s] = 0
         return slots
 
-    def free(self, slots: list[int]) -> None:
+    def free(self, slots: Sequence[int]) -> None:
         for s in slots:
             if self._is_free[s]:
                 raise RuntimeError(f"KV slot {s} freed twice")
-            self._is_free[s] = True
+            self._is_free[s] = 1
         self._free.extend(slots)
 
 
@@ -82,7 +91,7 @@ class ReqToTokenPool:
     def __init__(self, max_requests: int, max_context: int, device) -> None:
         self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
         self.device = self.table.device
-        self.host: list[list[int]] = [[] for _ in range(max_requests)]
+        self.host: list[array.array] = [array.array("q") for _ in range(max_requests)]  # (see KVPool)
         self._free = list(range(max_requests - 1, -1, -1))
 
     def available(self) -> int:
@@ -92,26 +101,35 @@ class ReqToTokenPool:
         if not self._free:
             return None
         row = self._free.pop()
-        self.host[row] = []
+        self.host[row] = array.array("q")
         return row
 
     def free(self, row: int) -> None:
         self._free.append(row)
 
-    def write(self, row: int, start: int, slots: list[int]) -> None:
+    def write(self, row: int, start: int, slots: Sequence[int]) -> None:
         """Positions start.. of a row get these slots (start <= the row's current length)."""
-        self.host[row][start : start + len(slots)] = slots
+        self.host[row][start : start + len(slots)] = array.array("q", slots)
         if slots:
             self.table[row, start : start + len(slots)] = to_device(slots, self.device)
 
-    def slots(self, row: int, length: int) -> list[int]:
+    def note(self, row: int, start: int, slot: int) -> None:
+        """Position start of the host row only (a decode step's slot: the device row is written by the
+        decode-inputs kernel)."""
+        host = self.host[row]
+        if start < len(host):
+            host[start] = slot
+        else:
+            host.append(slot)
+
+    def slots(self, row: int, length: int) -> array.array:
         return self.host[row][:length]
 
     def write_many(self, rows: list[int], starts: list[int], slots: list[list[int]]) -> None:
         """Each row's new slots from its start, in one scatter on the device (no per-request copies)."""
         flat_rows, flat_pos, flat_slots = [], [], []
         for row, start, new in zip(rows, starts, slots, strict=True):
-            self.host[row][start : start + len(new)] = new
+            self.host[row][start : start + len(new)] = array.array("q", new)
             flat_rows += [row] * len(new)
             flat_pos += range(start, start + len(new))
             flat_slots += new

@@ -135,7 +135,7 @@ class ModelRunner:
             kv_lens.append(s.start + 1)
             slots += s.new_slots
             rows.append(req.row)
-            self.table.host[req.row][s.start : s.start + 1] = s.new_slots
+            self.table.note(req.row, s.start, s.new_slots[0])
         meta = to_device(tokens + kv_lens + slots + rows, self.device).view(4, n)
         n_kv = sum(kv_lens)
         grouped = self.cascade and any(s.shared is not None for s in batch)

@@ -19,9 +19,10 @@ does not (the scheduler's cascade groups of a decode batch).
 
 from __future__ import annotations
 
+import array
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 _clock = itertools.count()
@@ -29,8 +30,8 @@ _clock = itertools.count()
 
 @dataclass(eq=False)
 class Node:
-    key: tuple[int, ...] = ()
-    slots: list[int] = field(default_factory=list)
+    key: tuple[int, ...] = ()  # (a tuple of ints, which the cycle collector stops tracking)
+    slots: array.array = field(default_factory=lambda: array.array("q"))  # (untracked, see KVPool)
     parent: Node | None = None
     children: dict[int, Node] = field(default_factory=dict)
     lock_ref: int = 0
@@ -60,7 +61,7 @@ def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]
 
 
 class RadixCache:
-    def __init__(self, free_slots: Callable[[list[int]], None], disabled: bool = False) -> None:
+    def __init__(self, free_slots: Callable[[Sequence[int]], None], disabled: bool = False) -> None:
         self.free_slots = free_slots
         self.disabled = disabled
         self.root = Node()
@@ -110,7 +111,7 @@ class RadixCache:
             node = node.parent
 
     # -- insertion ------------------------------------------------------------
-    def insert(self, tokens: list[int], slots: list[int]) -> int:
+    def insert(self, tokens: Sequence[int], slots: Sequence[int]) -> int:
         """Cache tokens -> slots; return the number of leading tokens that were already cached."""
         assert len(tokens) == len(slots), f"{len(tokens)} tokens for {len(slots)} slots"
         if self.disabled:
@@ -124,10 +125,10 @@ class RadixCache:
             child.touch()
             node, i = child, i + n
         if i < len(tokens):
-            self._add_leaf(node, tuple(tokens[i:]), list(slots[i:]))
+            self._add_leaf(node, tuple(tokens[i:]), array.array("q", slots[i:]))
         return i
 
-    def _add_leaf(self, parent: Node, key: tuple[int, ...], slots: list[int]) -> None:
+    def _add_leaf(self, parent: Node, key: tuple[int, ...], slots: array.array) -> None:
         self.version += 1
         leaf = Node(key, slots, parent)
         leaf.touch()

@@ -9,7 +9,7 @@ import zmq
 
 from sgl_compile.errors import SglcError
 from sgl_compile.runtime.engine import output_dict
-from sgl_compile.runtime.launch import EngineArgs, launch
+from sgl_compile.runtime.launch import EngineArgs, freeze_gc, launch
 from sgl_compile.runtime.request import FinishReason, Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.server.scheduler_process import Abort, Query, Ready, Reply, Submit, Updates
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 class SchedulerCore:
     def __init__(self, args: EngineArgs) -> None:
         launched = launch(args)
+        freeze_gc()  # (this process only serves from here on)
         self.compiled, self.scheduler = launched.compiled, launched.scheduler
         self.context_length, self.eos_ids = launched.context_length, launched.eos_ids
         self.stopping = False
