@@ -179,7 +179,7 @@ def _kernel_times(fn) -> str:
 
 
 # The decode batches of bar 4's workload (64 groups x 16 prompts sharing 2048 tokens): what the
-# scheduler forms at its decode step 600 (`benchmarks/schedule_replay.py --enable-cascade-attention
+# scheduler forms at its decode step 600 (`python -m benchmarks.schedule_replay --enable-cascade-attention
 # --show-steps 600`: 13 full groups, 6 partial ones, 1 alone; 256 requests), and the batch it holds
 # with --max-running-requests 1024.
 STEP_600 = [(2048, 16)] * 13 + [(2048, n) for n in (15, 9, 8, 7, 5, 3)] + [(0, 1)]
@@ -226,7 +226,7 @@ def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:
         if sweep:
             space = [{"BLOCK_N": bn, "MEMBERS": m, "num_splits": sp, "num_warps": w, "num_stages": st}
                      for bn, m, sp, (w, st) in itertools.product(
-                         (32, 64, 128), (8, 16), (1, 2, 4, 8), ((4, 2), (4, 3), (8, 2)))]  # fmt: skip
+                         (32, 64, 128), (4, 8, 16), (1, 2, 4, 8, 16), ((4, 1), (4, 2), (4, 3), (8, 2)))]  # fmt: skip
             ts, cs = best(lambda c: cas(None, c), space)
             dspace = [{"BLOCK_N": bn, "num_splits": sp, "num_warps": w, "num_stages": st}
                       for bn, sp, (w, st) in itertools.product((32, 64, 128), (1, 2, 4, 8), ((4, 2),))]  # fmt: skip
@@ -234,7 +234,7 @@ def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:
             row += f" | best shared {ts * 1e6:.1f} us ({cs}), then best decode {td * 1e6:.1f} us ({cd})"
             row += f"; kernels: {_kernel_times(lambda cd=cd, cs=cs: cas(cd, cs))}"
         if flashinfer:
-            b = x["q"].shape[0]
+            b = x["q"].shape[0]  # (flashinfer reads one layer: its keys stay in L2, unlike the rows above)
             row += " | " + flashinfer_times(
                 x["q"], x["kc"][:1], x["vc"][:1], list(range(b + 1)), x["kv_indptr"].tolist(), x["kv_indices"],
                 True,

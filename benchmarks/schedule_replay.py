@@ -1,9 +1,9 @@
 """A whole workload through the scheduler with a free stand-in model (any machine): the steps it takes,
 the prompt tokens it computes, the decode batches' sizes and cascade groups, and the host time.
 
-    python benchmarks/schedule_replay.py [--dataset generated-shared-prefix | random]
+    python -m benchmarks.schedule_replay [--dataset generated-shared-prefix | random]
         [--max-running-requests 256] [--enable-cascade-attention] [--disable-radix-cache]
-        [--chunked-prefill-size 8192] [--show-steps 0,300,600] [--out FILE]
+        [--chunked-prefill-size 8192] [--show-steps 0,300,600,900] [--out FILE]
 
 What the GPU runs is decided here, so a change to scheduling can be judged without one: bar 4's workload
 (the default: 64 groups x 16 prompts, 2048 shared tokens + 128 of their own, 256 out; the chunk the H200
@@ -29,7 +29,7 @@ from benchmarks.host_overhead import ConstantLogits
 from sgl_compile.bench.datasets import random_dataset, shared_prefix_dataset
 from sgl_compile.driver import compile_model
 from sgl_compile.runtime import model_runner
-from sgl_compile.runtime.launch import freeze_gc
+from sgl_compile.runtime.launch import freeze_gc, thaw_gc
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
@@ -58,7 +58,7 @@ def replay(args: argparse.Namespace) -> dict:
         return _replay(args)
     finally:
         model_runner.decode_inputs_reference = reference
-        gc.unfreeze()
+        thaw_gc()
 
 
 def _replay(args: argparse.Namespace) -> dict:
@@ -91,7 +91,7 @@ def _replay(args: argparse.Namespace) -> dict:
     show = {int(s) for s in args.show_steps.split(",") if s}
     extend = {"steps": 0, "tokens": 0}
     decode_sizes: Counter[int] = Counter()
-    groupings: dict[int, dict] = {}
+    groupings: dict[int, str] = {}
     run = sched.runner.run
 
     def recorded(batch):
@@ -140,7 +140,7 @@ def _replay(args: argparse.Namespace) -> dict:
     result = {
         "dataset": args.dataset, "max_running_requests": args.max_running_requests,
         "extend_steps": extend["steps"], "prompt_tokens_computed": extend["tokens"],
-        "decode_steps": decode_steps, "decode_batch_sizes": dict(sorted(decode_sizes.items(), reverse=True)[:8]),
+        "decode_steps": decode_steps, "decode_batch_sizes": dict(sorted(decode_sizes.items(), reverse=True)),
         "cascade_steps": stats["cascade_steps"], "cascade_shared_tokens": stats["cascade_shared_tokens"],
         "groupings": groupings, "num_retractions": stats["num_retractions"],
         "host_s": wall, "host_ms_per_decode_step": host["decode"] / max(1, decode_steps) * 1e3,

@@ -5,9 +5,10 @@
     python benchmarks/step_timeline.py --model dummy:llama-3.2-1b --dataset generated-shared-prefix \
         [--enable-cascade-attention | --disable-radix-cache]   # bar 4's workload (64 x 16, 2048 + 128, 256 out)
 
-Records each step's kind (extend / decode), requests, tokens and wall time (with overlap, a step's wall
-time is the device time of the step before it plus any host time not hidden), and the KV + weight bytes
-the decode steps must read (their floor at 3011 GB/s). Prints totals per kind and per decode batch size.
+Records each step's kind (extend / decode / decode-cascade), requests, tokens and wall time (with
+overlap, a step's wall time is the device time of the step before it plus any host time not hidden),
+and the KV + weight bytes the decode steps must read (their floor at 3011 GB/s; for decode-cascade
+steps it counts every key, not the unique ones). Prints totals per kind and per decode batch size.
 """
 
 from __future__ import annotations

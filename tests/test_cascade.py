@@ -113,7 +113,7 @@ def test_groups_are_contiguous_and_name_shared_slots(compiled) -> None:
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     reqs = [Req(f"r{i}", tok.encode(t), params, tok) for i, t in enumerate(texts)]
     seen = []
-    groups = sched.runner._groups  # called for the decode batches only
+    groups = sched.runner._groups  # called for the grouped decode batches only
 
     def recording(batch):
         indptr, shared = groups(batch)
@@ -134,3 +134,34 @@ def test_groups_are_contiguous_and_name_shared_slots(compiled) -> None:
         n = shared[a]
         assert n >= CASCADE_MIN_SHARED and shared[a:b] == [n] * 3 and sum(shared) == 3 * n
         assert slots[a][:n] == slots[a + 1][:n] == slots[a + 2][:n]
+
+
+def test_mixed_batches_form_no_groups(compiled) -> None:
+    """With mixed chunks, a decode that joins an extend runs eagerly without groups: only decode-only
+    steps are grouped and counted."""
+    tok = compiled.tokenizer
+    system = prompts.LONG[:1200]
+    cfg = SchedulerConfig(
+        max_total_tokens=4000, context_length=8192, chunked_prefill_size=64, enable_mixed_chunk=True,
+        enable_cascade_attention=True, cascade_min_saved=0,
+    )  # fmt: skip
+    sched = Scheduler(compiled, cfg)
+    grouped = _decode_steps(sched)
+    mixed, run = [], sched.runner.run
+
+    def recording(batch):
+        if any(s.length > 1 for s in batch) and any(s.length == 1 for s in batch):
+            mixed.append(any(s.shared is not None for s in batch))
+        return run(batch)
+
+    sched.runner.run = recording
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    texts = [system + "\n" + q for q in QUESTIONS[:3]] + ["Once upon a time " + system[:300]]
+    reqs = [Req(f"r{i}", tok.encode(t), params, tok) for i, t in enumerate(texts)]
+    for r in reqs[:3]:
+        sched.add(r)
+    for _ in range(12):  # the three decode over their shared prompt while the fourth is chunked in
+        sched.step()
+    run_to_completion(sched, reqs[3:])
+    assert mixed and not any(mixed)
+    assert sched.cascade_steps == sum(grouped) > 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sgl_compile.models.loading import LoadedModel
+from sgl_compile.runtime import launch as launch_module
 from sgl_compile.runtime.engine import Engine
 from tests import prompts
 from tests.test_model_parity import hf_greedy
@@ -112,14 +113,14 @@ def test_a_failing_call_raises_in_the_caller_and_the_engine_lives_on(engine, mix
     def call() -> None:  # on a thread of its own, so that a call that never returns fails the test
         try:
             engine._call(broken)
-        except AssertionError as e:
+        except Exception as e:  # (the assertion below names any other)
             raised.append(e)
 
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
     caller.join(timeout=60)
     assert not caller.is_alive(), "the failing call never returned"
-    assert len(raised) == 1 and "leaked" in str(raised[0])
+    assert len(raised) == 1 and isinstance(raised[0], AssertionError) and "leaked" in str(raised[0])
     assert engine.generate(input_ids=mixed[3], sampling_params=GREEDY)["output_ids"] == reference[3]
 
 
@@ -146,15 +147,18 @@ def test_small_pool_retracts_and_evicts_but_stays_correct(smollm2_gguf, mixed, r
     output): they must be retracted and resumed."""
     picked = [i for i, ids in enumerate(mixed) if len(ids) <= 60][:12]
     small = {"max_total_tokens": 400, "chunked_prefill_size": 64, "schedule_conservativeness": 0.0}
+    serving = launch_module._freezes  # (engines of this module's fixtures may be serving)
     with Engine(model=str(smollm2_gguf), **small) as e:
-        assert gc.get_freeze_count() > 0  # start-up's objects are out of the cycle collector's way
+        # start-up's objects are out of the cycle collector's way while the engine serves
+        assert gc.get_freeze_count() > 0 and launch_module._freezes == serving + 1
         out = e.generate(input_ids=[mixed[i] for i in picked], sampling_params=GREEDY)
         assert _ids(out) == [reference[i] for i in picked]
         assert e.get_stats()["num_retractions"] > 0
         assert e.flush_cache()
         e.check_no_leaks()
         assert e.scheduler.kv.available() == 400
-    assert gc.get_freeze_count() == 0  # and back once the engine is shut down
+    assert launch_module._freezes == serving  # and back once it is shut down (with the last one, all)
+    assert serving > 0 or gc.get_freeze_count() == 0
 
 
 def test_request_that_can_never_fit_gets_a_clear_error(smollm2_gguf) -> None:

@@ -37,7 +37,8 @@ def batch_size_buckets(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
-        self.runner = runner
+        # No reference to the runner, which holds this: the cycle would keep its KV pool until a collection.
+        self.empty = runner._empty
         self.buckets = batch_size_buckets(min(max_bs, runner.table.table.shape[0]))
         self.max_bs = self.buckets[-1]
         device = runner.device
@@ -63,10 +64,10 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (bucket, with groups)
         self.outputs: dict[tuple[int, bool], Tensor] = {}
         self.pool = None
-        self._capture()
+        self._capture(runner)
 
     def _inputs(self, bs: int, cascade: bool) -> dict[str, Tensor]:
-        empty = self.runner._empty
+        empty = self.empty
         return {
             "input_ids": self.input_ids[:bs],
             "positions": self.positions[:bs],
@@ -79,21 +80,22 @@ class DecodeGraphs:
             "logits_indices": self.logits_indices[:bs],
         }
 
-    def _capture(self) -> None:
+    def _capture(self, runner: ModelRunner) -> None:
         start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            keys = [(bs, cascade) for bs in reversed(self.buckets) for cascade in self.modes]
+            # (a batch of one has no group: no cascade graph for it)
+            keys = [(bs, c) for bs in reversed(self.buckets) for c in self.modes if bs > 1 or not c]
             for bs, cascade in tqdm(keys, desc="capturing CUDA graphs", unit="graph"):
                 inputs = self._inputs(bs, cascade)
                 if self.attention is not None:  # capture with every row on one key; replays re-plan
                     self.attention.plan_graph(bs, list(range(bs + 1)), self.kv_indices)
                 for _ in range(2):  # compile kernels and settle allocations outside the capture
-                    self.runner.run_program(inputs)
+                    runner.run_program(inputs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[bs, cascade] = self.runner.run_program(inputs)
+                    self.outputs[bs, cascade] = runner.run_program(inputs)
                 self.pool = graph.pool()
                 self.graphs[bs, cascade] = graph
         torch.cuda.current_stream().wait_stream(stream)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from sgl_compile.errors import SglcError
-from sgl_compile.runtime.launch import EngineArgs, freeze_gc, launch
+from sgl_compile.runtime.launch import EngineArgs, freeze_gc, launch, thaw_gc
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 
@@ -52,6 +52,7 @@ class Engine:
     CLI flags; or Engine(EngineArgs(...))."""
 
     def __init__(self, args: EngineArgs | None = None, **options: Any) -> None:
+        gc.collect()  # an engine shut down and dropped before this one: its memory, before the plan
         launched = launch(args or EngineArgs(**options))
         freeze_gc()
         self.compiled, self.scheduler = launched.compiled, launched.scheduler
@@ -251,9 +252,13 @@ class Engine:
         self._call(self.scheduler.check_no_leaks)
 
     def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
         self._stopped.set()
         self._thread.join(timeout=10)
-        gc.unfreeze()  # what freeze_gc exempted, this engine's scheduler with it, is collectable again
+        if self._error is None:  # later calls fail at once instead of waiting for a thread that is gone
+            self._error = SglcError("the engine was shut down")
+        thaw_gc()
 
     def __enter__(self) -> Engine:
         return self

@@ -21,8 +21,9 @@ class KVPool:
 
     The host's bookkeeping of slots (here, the request-to-token rows, the radix tree's nodes) is kept in
     arrays, not lists: Python's cycle collector walks every element of every list it tracks, and the
-    lists of a large pool and of 1024 requests' rows held millions of them, a full collection 227 ms
-    at batch 1024 (benchmarks/host_overhead.py) during which the GPU waits. Arrays are not tracked."""
+    lists of a large pool and of 1024 requests' rows held millions of them (with the start-up objects
+    freeze_gc exempts, a full collection took ~200 ms at batch 1024, the GPU waiting through it). Arrays
+    are not tracked."""
 
     def __init__(
         self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device

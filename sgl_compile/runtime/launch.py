@@ -201,17 +201,33 @@ def launch(args: EngineArgs, compiled: CompiledModel | None = None) -> Launched:
     return Launched(compiled, scheduler, context, eos)
 
 
+_freezes = 0  # serving engines of this process that froze it (freeze_gc, thaw_gc)
+
+
 def freeze_gc() -> None:
     """Exempt what is alive now from the cycle collector, for a process about to serve. After start-up
     the process holds ~350k objects the collector tracks (torch's, triton's and the program's
     functions, dicts and tuples), none of them garbage; each full collection walked them all, a
-    ~200 ms pause that the GPU waits through (benchmarks/schedule_replay.py, gc_longest_ms: 188 ms on
-    bar 4's workload). Frozen objects are still freed by reference counting; `gc.unfreeze()` hands
-    them back (an Engine does when it shuts down, so that its own cycles can be collected)."""
+    ~200 ms pause that the GPU waits through (`python -m benchmarks.schedule_replay`, gc_longest_ms:
+    188 ms on bar 4's workload without this). Frozen objects are still freed by reference counting,
+    but cycles among them wait for `thaw_gc`, which each freeze_gc's engine calls when it shuts down."""
+    global _freezes
     gc.collect()
     gc.freeze()
-    atexit.register(gc.unfreeze)  # (so that the collection at exit sees everything, as extensions expect)
+    if _freezes == 0:
+        atexit.register(gc.unfreeze)  # (so that the collection at exit sees everything, as extensions expect)
+    _freezes += 1
     log.info("froze %d objects out of the cycle collector's generations", gc.get_freeze_count())
+
+
+def thaw_gc() -> None:
+    """One freeze_gc's engine is done; the last one hands everything back to the collector (an engine
+    shut down while a later one started is collected then) and collects."""
+    global _freezes
+    _freezes = max(0, _freezes - 1)
+    if _freezes == 0:
+        gc.unfreeze()
+        gc.collect()
 
 
 def warm_up(compiled: CompiledModel, args: EngineArgs) -> None:
@@ -228,7 +244,6 @@ def warm_up(compiled: CompiledModel, args: EngineArgs) -> None:
         while sched.has_work():
             sched.step()
     del launched, sched
-    gc.unfreeze()  # (were it frozen, the scheduler's cycles would keep its KV pool)
     gc.collect()
     if compiled.device.type == "cuda":
         torch.cuda.empty_cache()

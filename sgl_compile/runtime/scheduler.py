@@ -295,7 +295,8 @@ class Scheduler:
         batch, decode = self._schedule_extend(), []
         if batch and self.cfg.enable_mixed_chunk:
             extending = {id(s.req) for s in batch}
-            decode = self._schedule_decode([r for r in self.running if id(r) not in extending])
+            # (a mixed batch runs eagerly without cascade groups: none are formed for it)
+            decode = self._schedule_decode([r for r in self.running if id(r) not in extending], grouped=False)
         elif not batch:
             decode = self._schedule_decode()
         batch += decode
@@ -419,7 +420,7 @@ class Scheduler:
         self.running.append(req)
         return True
 
-    def _schedule_decode(self, running: list[Req] | None = None) -> list[ScheduledReq]:
+    def _schedule_decode(self, running: list[Req] | None = None, grouped: bool = True) -> list[ScheduledReq]:
         ctx = self.cfg.context_length
         running = self.running if running is None else running
         reqs = [r for r in running if r.decodes_next(ctx)]
@@ -430,7 +431,7 @@ class Scheduler:
                 log.info("KV pool full: retracting request %s (%d tokens)", victim.rid, victim.seq_len)
                 self._retract(victim)
         shared = None
-        if self.cfg.enable_cascade_attention:
+        if self.cfg.enable_cascade_attention and grouped:
             reqs, shared = self._cascade_groups(reqs)
         slots = self.kv.alloc(len(reqs)) or []
         batch = [

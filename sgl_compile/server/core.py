@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class SchedulerCore:
     def __init__(self, args: EngineArgs) -> None:
         launched = launch(args)
-        freeze_gc()  # (this process only serves from here on)
+        freeze_gc()  # (this process only serves from here on; its exit thaws it)
         self.compiled, self.scheduler = launched.compiled, launched.scheduler
         self.context_length, self.eos_ids = launched.context_length, launched.eos_ids
         self.stopping = False
