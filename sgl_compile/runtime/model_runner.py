@@ -194,12 +194,10 @@ class ModelRunner:
         rows = [s.req.row for s in batch]
         self.table.write_many(rows, [s.start for s in batch], [s.new_slots for s in batch])
         kv_indices = self.table.gather(rows, [s.start + s.length for s in batch])
-        groups, shared = self._empty, self._empty
-        if self.cascade and len(ids) == len(batch) and any(s.shared is not None for s in batch):
-            groups, shared = self._groups(batch)
+        # (no cascade groups: a decode batch goes through _decode, a mixed one is formed without them)
         return ForwardBatch(
             input_ids, to_device(pos, dev), to_device(slots, dev), to_device(qo, dev), to_device(kvp, dev),
-            kv_indices, groups, shared, to_device(logit_rows, dev), qo, kvp,
+            kv_indices, self._empty, self._empty, to_device(logit_rows, dev), qo, kvp,
         )  # fmt: skip
 
     def _groups(self, batch: list[ScheduledReq]) -> tuple[Tensor, Tensor]:
