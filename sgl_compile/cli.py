@@ -232,7 +232,7 @@ _ENGINE_HELP = {
     "unless decode replays CUDA graphs)",
     "enable_mixed_chunk": "decode the running requests in the same step as a prefill chunk (runs eagerly)",
     "enable_cascade_attention": "decode reads a cached prefix that several running requests share once "
-    "per group rather than once per request, on steps where that saves >= 75% of the KV reads",
+    "per group rather than once per request, on steps where that saves >= 75%% of the KV reads",
     "schedule_conservativeness": "scale of the KV reserved at admission for the running requests' output "
     "to come (0: only their next token; more requests at once, more retractions)",
 }

@@ -122,6 +122,20 @@ def test_cli_error_is_one_line_without_traceback() -> None:
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_cli_help_of_every_command_formats() -> None:
+    """argparse %-formats help texts: a bare % in one (">= 75% of") broke `--help` of every engine command."""
+    import argparse
+
+    from sgl_compile.cli import build_parser
+
+    def helps(parser: argparse.ArgumentParser) -> list[str]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return [parser.format_help()] + [h for a in subs for p in a.choices.values() for h in helps(p)]
+
+    texts = helps(build_parser())
+    assert len(texts) > 10 and any("--enable-cascade-attention" in t for t in texts)
+
+
 def test_cli_models_lists_aliases_and_cache_state(smollm2_gguf: Path) -> None:
     r = _sglc("models")
     assert r.returncode == 0
