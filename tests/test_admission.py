@@ -238,3 +238,14 @@ def test_bar_4s_workload_computes_each_prompt_token_once_and_groups_every_decode
     assert result["cascade_steps"] == result["decode_steps"]
     assert result["num_retractions"] == 0
     assert result["groupings"][600].startswith("256 requests: groups of 16 x13")
+
+
+def test_cuda_graph_buckets():
+    """Steps of 8 up to 256, of 64 above (where padding costs little and each graph holds its own logits)."""
+    from sgl_compile.runtime.cuda_graphs import batch_size_buckets
+
+    buckets = batch_size_buckets(1024)
+    assert buckets[:6] == [1, 2, 4, 8, 16, 24] and buckets[-1] == 1024
+    assert [b for b in buckets if b <= 256] == [1, 2, 4, 8, *range(16, 257, 8)]
+    assert [b for b in buckets if b > 256] == list(range(320, 1025, 64))
+    assert batch_size_buckets(300)[-2:] == [256, 300] and batch_size_buckets(3) == [1, 2, 3]

@@ -50,7 +50,8 @@ class EngineArgs:
     max_running_requests: int = 256
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
-    cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs
+    cuda_graph_max_bs: int | None = None  # decode batches up to this size replay CUDA graphs
+    # (None: every batch, up to max_running_requests)
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False  # read step N's tokens before launching step N + 1
     jump_forward: str = "auto"  # structured outputs: on | off | auto (see jump_forward_enabled)
@@ -173,7 +174,8 @@ def check_args(args: EngineArgs) -> None:
 def launch(args: EngineArgs, compiled: CompiledModel | None = None) -> Launched:
     """Load (or take) the program, plan memory, build the scheduler (capturing CUDA graphs)."""
     compiled = compiled or load_program(args)
-    args = replace(args, chunked_prefill_size=chunk_size(args, compiled.device))
+    graphs_bs = args.max_running_requests if args.cuda_graph_max_bs is None else args.cuda_graph_max_bs
+    args = replace(args, chunked_prefill_size=chunk_size(args, compiled.device), cuda_graph_max_bs=graphs_bs)
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     slots = args.max_total_tokens or default_max_total_tokens(compiled, args)
