@@ -20,6 +20,7 @@ from sgl_compile.errors import SglcError
 from sgl_compile.ir.capture import input_names
 from sgl_compile.models.loading import DEFAULT_MODEL
 from sgl_compile.passes.lower_attention import prefill_inputs
+from sgl_compile.runtime.cuda_graphs import batch_size_buckets
 from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
@@ -86,17 +87,32 @@ def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
     return peak
 
 
+def graph_logits_bytes(compiled: CompiledModel, args: EngineArgs) -> int:
+    """What the decode graphs keep after capture: each graph's logits (its bucket's rows x vocab; their
+    intermediates share one pool, no larger than the activation peak). With cascade attention each
+    bucket but 1 has a second graph. 1.1 GB for buckets to 256 at a 128k vocab, 2.4 GB to 1024."""
+    if compiled.device.type != "cuda" or args.disable_cuda_graph or not args.cuda_graph_max_bs:
+        return 0
+    buckets = batch_size_buckets(min(args.cuda_graph_max_bs, args.max_running_requests))
+    rows = sum(buckets) + (sum(b for b in buckets if b > 1) if args.enable_cascade_attention else 0)
+    return rows * compiled.config.vocab_size * compiled.dtype.itemsize
+
+
 def default_max_total_tokens(compiled: CompiledModel, args: EngineArgs) -> int:
+    """KV pool slots: on a GPU, mem_fraction_static of the memory left beside the weights, the activation
+    peak of the largest chunk and the decode graphs' logits."""
     c = compiled.config
     per_token = KVPool.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, compiled.dtype)
     if compiled.device.type == "cuda":
         peak = activation_peak_bytes(compiled, max(args.chunked_prefill_size, 1))
+        graphs = graph_logits_bytes(compiled, args)
         free, total = torch.cuda.mem_get_info(compiled.device)
-        budget = int((free - peak) * args.mem_fraction_static)
+        budget = int((free - peak - graphs) * args.mem_fraction_static)
         log.info(
-            "GPU memory: weights %.2f GiB, activation peak %.2f GiB (%d tokens), free %.2f of %.2f GiB",
+            "GPU memory: weights %.2f GiB, activation peak %.2f GiB (%d tokens), CUDA-graph logits %.2f GiB, "
+            "free %.2f of %.2f GiB",
             torch.cuda.memory_allocated(compiled.device) / 2**30, peak / 2**30, args.chunked_prefill_size,
-            free / 2**30, total / 2**30,
+            graphs / 2**30, free / 2**30, total / 2**30,
         )  # fmt: skip
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
