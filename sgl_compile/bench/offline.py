@@ -63,7 +63,9 @@ def static_batch_latency(
         chunked_prefill_size=batch_size * input_len,
         max_running_requests=batch_size,
         disable_radix_cache=True,
-        cuda_graph_max_bs=min(args.cuda_graph_max_bs or batch_size, batch_size),
+        cuda_graph_max_bs=batch_size
+        if args.cuda_graph_max_bs is None
+        else min(args.cuda_graph_max_bs, batch_size),
         disable_cuda_graph=args.disable_cuda_graph,
         overlap=not args.disable_overlap_schedule,
     )
