@@ -192,6 +192,7 @@ def test_abort_running_and_queued(smollm2_gguf, mixed, reference) -> None:
         return rest, await queued_task, await normal
 
     with Engine(model=str(smollm2_gguf), max_total_tokens=4000, max_running_requests=2) as e:
+        assert e.scheduler.cfg.cuda_graph_max_bs == 2  # (unset: graphs for every batch the limit allows)
         rest, queued_items, normal = asyncio.run(scenario(e))
         assert rest[-1]["meta_info"]["finish_reason"]["type"] == "abort"
         assert rest[-1]["meta_info"]["completion_tokens"] < 400
