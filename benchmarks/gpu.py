@@ -72,7 +72,8 @@ STEPS["shared-prefix-no-cache"] = (
 )
 BAR_STEPS = list(STEPS)  # the default run; the variants below are named with --steps
 # Variants the bar's open questions need: cascade on a workload that shares nothing (the per-step
-# choice should cost nothing there), and 1024 running requests (docs/benchmarks.md, 2026-12-06).
+# choice should cost nothing there), and 1024 running requests, named (the GPU default since 2026-12-06)
+# so that trees before it run the same.
 STEPS["offline-qwen3-0.6b-cascade"] = (
     STEPS["offline-qwen3-0.6b"][0] + ["--enable-cascade-attention"],
     "output_throughput",

@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--disable-overlap-schedule", action="store_true")
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--enable-cascade-attention", action="store_true")
+    ap.add_argument("--max-running-requests", type=int, default=None, help="default: the engine's")
     ap.add_argument("--profile-steps", default=None, help="a:b: profile steps a..b-1 (kernels, host time)")
     ap.add_argument(
         "--host-profile-steps", default=None, help="a:b: cProfile steps a..b-1 (Python functions)"
@@ -57,7 +58,7 @@ def main() -> None:
             model=args.model, dtype=args.dtype, device=args.device, context_length=4096,
             chunked_prefill_size=args.chunked_prefill_size,
             disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
-            enable_cascade_attention=args.enable_cascade_attention,
+            enable_cascade_attention=args.enable_cascade_attention, max_running_requests=args.max_running_requests,
         )
     )  # fmt: skip
     sched, compiled = launched.scheduler, launched.compiled

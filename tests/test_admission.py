@@ -271,3 +271,19 @@ def test_memory_plan_counts_the_graphs_logits():
     assert graph_logits_bytes(gpu, cascade) == (7 + 6) * 2000  # (no cascade graph for a batch of 1)
     assert graph_logits_bytes(gpu, EngineArgs(cuda_graph_max_bs=8, disable_cuda_graph=True)) == 0
     assert graph_logits_bytes(SimpleNamespace(**(vars(gpu) | {"device": torch.device("cpu")})), args) == 0
+
+
+def test_running_request_limit_defaults_by_device():
+    """Unset, the limit is 256 on the CPU; on a GPU 1024, fewer where a long context's table rows would
+    outgrow its budget; a value given is kept."""
+    import torch
+
+    from sgl_compile.runtime.launch import TABLE_BUDGET, EngineArgs, default_max_running_requests
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_max_running_requests(EngineArgs(), cpu, 4096) == 256
+    assert default_max_running_requests(EngineArgs(), cuda, 4096) == 1024
+    assert default_max_running_requests(EngineArgs(), cuda, 16384) == 1024
+    assert default_max_running_requests(EngineArgs(), cuda, 65536) == TABLE_BUDGET // (8 * 65537) == 511
+    assert default_max_running_requests(EngineArgs(), cuda, 131072) == 256
+    assert default_max_running_requests(EngineArgs(max_running_requests=7), cuda, 4096) == 7

@@ -48,7 +48,7 @@ class EngineArgs:
     mem_fraction_static: float = 0.85  # of free GPU memory, for the KV pool
     context_length: int | None = None
     chunked_prefill_size: int | None = None  # tokens of one extend batch; None: by device (chunk_size)
-    max_running_requests: int = 256
+    max_running_requests: int | None = None  # None: by device (default_max_running_requests)
     schedule_policy: str = "lpm"
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int | None = None  # decode batches up to this size replay CUDA graphs
@@ -130,6 +130,25 @@ def chunk_size(args: EngineArgs, device: torch.device) -> int:
     return 8192 if torch.cuda.get_device_properties(device).total_memory >= 60 * 2**30 else 4096
 
 
+# Bytes of the request-to-token table (int64, a row of context_length slots per running request) that the
+# default running-request limit may take; the decode graphs' key index buffer is as large again.
+TABLE_BUDGET = 256 << 20
+
+
+def default_max_running_requests(args: EngineArgs, device: torch.device, context: int) -> int:
+    """How many requests may run at once: 256 on the CPU; on a GPU up to 1024, as many rows as the table
+    holds in TABLE_BUDGET (1024 below a 32k context, 256 at 128k), and in practice as many as KV
+    admission lets in (SGLang too leaves it to the pool). A larger decode batch reads the weights once
+    for more tokens: on the H100 the shared-prefix workload ran 255 decode steps of 64 groups x 16
+    instead of 1020 of 16 x 16, +12% (+25% with cascade attention), and without the cache, bound by
+    its prefill, the same (docs/benchmarks.md, 2026-12-06)."""
+    if args.max_running_requests is not None:
+        return args.max_running_requests
+    if device.type != "cuda":
+        return 256
+    return min(1024, max(256, TABLE_BUDGET // (8 * (context + 1))))
+
+
 JUMP_FORWARD = ("auto", "on", "off")
 
 
@@ -190,10 +209,15 @@ def check_args(args: EngineArgs) -> None:
 def launch(args: EngineArgs, compiled: CompiledModel | None = None) -> Launched:
     """Load (or take) the program, plan memory, build the scheduler (capturing CUDA graphs)."""
     compiled = compiled or load_program(args)
-    graphs_bs = args.max_running_requests if args.cuda_graph_max_bs is None else args.cuda_graph_max_bs
-    args = replace(args, chunked_prefill_size=chunk_size(args, compiled.device), cuda_graph_max_bs=graphs_bs)
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    running = default_max_running_requests(args, compiled.device, context)
+    args = replace(
+        args,
+        chunked_prefill_size=chunk_size(args, compiled.device),
+        max_running_requests=running,
+        cuda_graph_max_bs=running if args.cuda_graph_max_bs is None else args.cuda_graph_max_bs,
+    )
     slots = args.max_total_tokens or default_max_total_tokens(compiled, args)
     scheduler = Scheduler(
         compiled,
