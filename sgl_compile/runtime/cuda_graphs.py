@@ -37,6 +37,13 @@ def batch_size_buckets(max_bs: int) -> list[int]:
     return sorted(set(small + list(range(320, max_bs + 1, 64)) + [max_bs]))
 
 
+def graph_keys(max_bs: int, cascade: bool) -> list[tuple[int, bool]]:
+    """(bucket, with cascade groups) of every graph captured, largest first; a batch of one has no group,
+    so no cascade graph."""
+    modes = (False, True) if cascade else (False,)
+    return [(bs, c) for bs in reversed(batch_size_buckets(max_bs)) for c in modes if bs > 1 or not c]
+
+
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
         # No reference to the runner, which holds this: the cycle would keep its KV pool until a collection.
@@ -87,8 +94,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            # (a batch of one has no group: no cascade graph for it)
-            keys = [(bs, c) for bs in reversed(self.buckets) for c in self.modes if bs > 1 or not c]
+            keys = graph_keys(self.max_bs, len(self.modes) > 1)
             for bs, cascade in tqdm(keys, desc="capturing CUDA graphs", unit="graph"):
                 inputs = self._inputs(bs, cascade)
                 if self.attention is not None:  # capture with every row on one key; replays re-plan

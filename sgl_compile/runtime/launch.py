@@ -20,7 +20,7 @@ from sgl_compile.errors import SglcError
 from sgl_compile.ir.capture import input_names
 from sgl_compile.models.loading import DEFAULT_MODEL
 from sgl_compile.passes.lower_attention import prefill_inputs
-from sgl_compile.runtime.cuda_graphs import batch_size_buckets
+from sgl_compile.runtime.cuda_graphs import graph_keys
 from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
@@ -93,9 +93,8 @@ def graph_logits_bytes(compiled: CompiledModel, args: EngineArgs) -> int:
     bucket but 1 has a second graph. 1.1 GB for buckets to 256 at a 128k vocab, 2.4 GB to 1024."""
     if compiled.device.type != "cuda" or args.disable_cuda_graph or not args.cuda_graph_max_bs:
         return 0
-    buckets = batch_size_buckets(min(args.cuda_graph_max_bs, args.max_running_requests))
-    rows = sum(buckets) + (sum(b for b in buckets if b > 1) if args.enable_cascade_attention else 0)
-    return rows * compiled.config.vocab_size * compiled.dtype.itemsize
+    keys = graph_keys(min(args.cuda_graph_max_bs, args.max_running_requests), args.enable_cascade_attention)
+    return sum(bs for bs, _ in keys) * compiled.config.vocab_size * compiled.dtype.itemsize
 
 
 def default_max_total_tokens(compiled: CompiledModel, args: EngineArgs) -> int:
