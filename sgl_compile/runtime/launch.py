@@ -90,7 +90,7 @@ def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
 def graph_logits_bytes(compiled: CompiledModel, args: EngineArgs) -> int:
     """What the decode graphs keep after capture: each graph's logits (its bucket's rows x vocab; their
     intermediates share one pool, no larger than the activation peak). With cascade attention each
-    bucket but 1 has a second graph. 1.1 GB for buckets to 256 at a 128k vocab, 2.4 GB to 1024."""
+    bucket but 1 has a second graph. 1.1 GB for buckets to 256 at a 128k vocab, 3.2 GB to 1024."""
     if compiled.device.type != "cuda" or args.disable_cuda_graph or not args.cuda_graph_max_bs:
         return 0
     keys = graph_keys(min(args.cuda_graph_max_bs, args.max_running_requests), args.enable_cascade_attention)
