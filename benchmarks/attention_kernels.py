@@ -1,6 +1,6 @@
 """Triton paged attention on the GPU: decode bandwidth and extend TFLOP/s, heuristic config vs a sweep.
 
-    python benchmarks/attention_kernels.py [decode|extend|cascade|all] [--sweep] [--flashinfer]
+    python benchmarks/attention_kernels.py [decode|extend|cascade|all] [--sweep] [--flashinfer] [--scenario NAME]
 
 Llama-3.1-8B head shape (32 q / 8 kv heads, D 128), bf16, slots randomly permuted (a paged pool).
 Decode is memory-bound: KV bytes read over time, against the 3011 GB/s copy ceiling.
@@ -185,7 +185,7 @@ def _kernel_times(fn) -> str:
 STEP_600 = [(2048, 16)] * 13 + [(2048, n) for n in (15, 9, 8, 7, 5, 3)] + [(0, 1)]
 
 
-def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:
+def cascade(sweep: bool, flashinfer: bool = False, only: str | None = None) -> list[str]:
     hkv, d = 8, 64  # llama-3.2-1b
     rng = random.Random(0)
     scenarios = {
@@ -197,6 +197,8 @@ def cascade(sweep: bool, flashinfer: bool = False) -> list[str]:
     }
     rows = []
     for name, groups in scenarios.items():
+        if only is not None and only not in name:
+            continue
         x = _cascade_batch(groups, hkv, d, rng)
         per_key = 2 * hkv * d * DT.itemsize
         layer = itertools.count()  # (a timed graph captures many calls: each reads the next layer)
@@ -250,15 +252,18 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time the candidate configs")
     ap.add_argument("--flashinfer", action="store_true", help="also time flashinfer on the same batches")
     ap.add_argument("--heads", default=None, help="HQ,HKV,D for decode and extend (default 32,8,128)")
+    ap.add_argument("--scenario", default=None, help="cascade: only the batches whose name contains this")
     args = ap.parse_args()
     if args.heads:
         global HQ, HKV, D
         HQ, HKV, D = map(int, args.heads.split(","))
     torch.manual_seed(0)
     rows = []
-    for mode, run in (("decode", decode), ("extend", extend), ("cascade", cascade)):
+    for mode, run in (("decode", decode), ("extend", extend)):
         if args.mode in (mode, "all"):
             rows += run(args.sweep, args.flashinfer)
+    if args.mode in ("cascade", "all"):
+        rows += cascade(args.sweep, args.flashinfer, args.scenario)
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print("\n".join(rows))
 

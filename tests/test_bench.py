@@ -3,6 +3,8 @@ leave nothing in the cache for the timed run to hit."""
 
 from __future__ import annotations
 
+import pytest
+
 from sgl_compile.bench.datasets import shared_prefix_dataset
 from sgl_compile.bench.offline import offline_throughput
 from sgl_compile.runtime.engine import Engine
@@ -18,3 +20,22 @@ def test_offline_throughput_counts_and_starts_from_an_empty_cache() -> None:
         # The warm-up ran all six twice (the second pass hit each prompt but its last token), then flushed:
         # the timed run, its six admitted together into an empty cache, hit nothing (not 6 x 55 again).
         assert engine.scheduler.cached_prompt_tokens == 6 * 55
+
+
+def test_floors_match_hand_arithmetic():
+    """benchmarks/floors.py on bar 3 against the arithmetic done by hand: 512k tokens each reading ~1500
+    keys of 128 KiB, and 2 x 7.5B GEMM parameters per generated token: on the H100 the floor is above
+    what bar 3 asks."""
+    from benchmarks.floors import BARS, DEVICES, floor
+
+    bar3 = next(w for name, w in BARS.items() if name.startswith("bar 3"))
+    f = floor(bar3, DEVICES["h100"])
+    assert f["kv_TB"] == pytest.approx(512_000 * 1499.5 * 131072 / 1e12)
+    assert f["decode_kv_s"] == pytest.approx(f["kv_TB"] * 1e12 / 3011e9)
+    attention = 4 * 32 * 4096 * 1499.5  # QK^T and PV over the keys, 32 layers of 32 x 128 query dims
+    assert f["decode_PFLOP"] == pytest.approx(512_000 * (2 * 7.5e9 + attention) / 1e15, rel=0.01)
+    assert f["total_s"] == pytest.approx(f["prefill_s"] + f["decode_gemm_s"] + f["decode_kv_s"])
+    # The H100 holds ~350 of these requests at their average length; the H200 all 512.
+    assert 300 < f["running"] < 400
+    assert floor(bar3, DEVICES["h200"])["running"] == 512
+    assert 9_500 < f["output_tok_s"] < 10_000
