@@ -1,6 +1,7 @@
 """Triton paged attention on the GPU: decode bandwidth and extend TFLOP/s, heuristic config vs a sweep.
 
     python benchmarks/attention_kernels.py [decode|extend|cascade|all] [--sweep] [--flashinfer] [--scenario NAME]
+        [--save-tuned DIR]
 
 Llama-3.1-8B head shape (32 q / 8 kv heads, D 128), bf16, slots randomly permuted (a paged pool).
 Decode is memory-bound: KV bytes read over time, against the 3011 GB/s copy ceiling.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import time
 
@@ -185,7 +187,9 @@ def _kernel_times(fn) -> str:
 STEP_600 = [(2048, 16)] * 13 + [(2048, n) for n in (15, 9, 8, 7, 5, 3)] + [(0, 1)]
 
 
-def cascade(sweep: bool, flashinfer: bool = False, only: str | None = None) -> list[str]:
+def cascade(
+    sweep: bool, flashinfer: bool = False, only: str | None = None, save_tuned: str | None = None
+) -> list[str]:
     hkv, d = 8, 64  # llama-3.2-1b
     rng = random.Random(0)
     scenarios = {
@@ -226,15 +230,28 @@ def cascade(sweep: bool, flashinfer: bool = False, only: str | None = None) -> l
                f"cascade {tc * 1e6:.1f} us ({x['read_unique'] * per_key / tc / 1e9:.0f} GB/s of unique keys); "
                f"kernels: {_kernel_times(cas)}")  # fmt: skip
         if sweep:
+            # (one named batch: the members and splits that can fill the machine at its size)
+            members, splits = ((8, 16), (1, 2, 4)) if only else ((4, 8, 16), (1, 2, 4, 8, 16))
             space = [{"BLOCK_N": bn, "MEMBERS": m, "num_splits": sp, "num_warps": w, "num_stages": st}
                      for bn, m, sp, (w, st) in itertools.product(
-                         (32, 64, 128), (4, 8, 16), (1, 2, 4, 8, 16), ((4, 1), (4, 2), (4, 3), (8, 2)))]  # fmt: skip
+                         (32, 64, 128), members, splits, ((4, 1), (4, 2), (4, 3), (8, 2)))]  # fmt: skip
             ts, cs = best(lambda c: cas(None, c), space)
             dspace = [{"BLOCK_N": bn, "num_splits": sp, "num_warps": w, "num_stages": st}
                       for bn, sp, (w, st) in itertools.product((32, 64, 128), (1, 2, 4, 8), ((4, 2),))]  # fmt: skip
             td, cd = best(lambda c, cs=cs: cas(c, cs), dspace)
             row += f" | best shared {ts * 1e6:.1f} us ({cs}), then best decode {td * 1e6:.1f} us ({cd})"
             row += f"; kernels: {_kernel_times(lambda cd=cd, cs=cs: cas(cd, cs))}"
+            if save_tuned:  # the winners where the runtime looks them up (SGLC_CACHE_DIR=save_tuned)
+                b = x["q"].shape[0]
+                found = {
+                    A.autotune.entry_key(
+                        "shared_prefix_attention", A.shared_prefix_key(b, 32, hkv, d, DT)
+                    ): cs,
+                    A.autotune.entry_key("decode_attention", A.decode_attention_key(b, 32, hkv, d, DT)): cd,
+                }
+                os.environ["SGLC_CACHE_DIR"] = save_tuned
+                A.autotune.use_cache_file(None)
+                row += f"; saved to {A.autotune.save_entries(A.autotune.load_entries() | found)}"
         if flashinfer:
             b = x["q"].shape[0]  # (flashinfer reads one layer: its keys stay in L2, unlike the rows above)
             row += " | " + flashinfer_times(
@@ -253,6 +270,7 @@ def main() -> None:
     ap.add_argument("--flashinfer", action="store_true", help="also time flashinfer on the same batches")
     ap.add_argument("--heads", default=None, help="HQ,HKV,D for decode and extend (default 32,8,128)")
     ap.add_argument("--scenario", default=None, help="cascade: only the batches whose name contains this")
+    ap.add_argument("--save-tuned", default=None, help="cascade --sweep: write the winners to this cache dir")
     args = ap.parse_args()
     if args.heads:
         global HQ, HKV, D
@@ -263,7 +281,7 @@ def main() -> None:
         if args.mode in (mode, "all"):
             rows += run(args.sweep, args.flashinfer)
     if args.mode in ("cascade", "all"):
-        rows += cascade(args.sweep, args.flashinfer, args.scenario)
+        rows += cascade(args.sweep, args.flashinfer, args.scenario, args.save_tuned)
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print("\n".join(rows))
 
