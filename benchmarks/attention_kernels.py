@@ -199,10 +199,12 @@ def cascade(
         "step 600 of the run (19 groups + 1 alone)": STEP_600,
         "64 groups x 16 (1024 requests)": [(2048, 16)] * 64,
     }
+    scenarios = {name: groups for name, groups in scenarios.items() if only is None or only in name}
+    if save_tuned and (not sweep or len(scenarios) != 1):  # (batches of one size bucket share entries)
+        raise SystemExit("--save-tuned needs --sweep and a --scenario naming one batch")
     rows = []
+    winners: dict[str, dict] = {}  # the sweep's, by tuning-cache entry
     for name, groups in scenarios.items():
-        if only is not None and only not in name:
-            continue
         x = _cascade_batch(groups, hkv, d, rng)
         per_key = 2 * hkv * d * DT.itemsize
         layer = itertools.count()  # (a timed graph captures many calls: each reads the next layer)
@@ -241,17 +243,11 @@ def cascade(
             td, cd = best(lambda c, cs=cs: cas(c, cs), dspace)
             row += f" | best shared {ts * 1e6:.1f} us ({cs}), then best decode {td * 1e6:.1f} us ({cd})"
             row += f"; kernels: {_kernel_times(lambda cd=cd, cs=cs: cas(cd, cs))}"
-            if save_tuned:  # the winners where the runtime looks them up (SGLC_CACHE_DIR=save_tuned)
-                b = x["q"].shape[0]
-                found = {
-                    A.autotune.entry_key(
-                        "shared_prefix_attention", A.shared_prefix_key(b, 32, hkv, d, DT)
-                    ): cs,
-                    A.autotune.entry_key("decode_attention", A.decode_attention_key(b, 32, hkv, d, DT)): cd,
-                }
-                os.environ["SGLC_CACHE_DIR"] = save_tuned
-                A.autotune.use_cache_file(None)
-                row += f"; saved to {A.autotune.save_entries(A.autotune.load_entries() | found)}"
+            b = x["q"].shape[0]
+            winners[
+                A.autotune.entry_key("shared_prefix_attention", A.shared_prefix_key(b, 32, hkv, d, DT))
+            ] = cs
+            winners[A.autotune.entry_key("decode_attention", A.decode_attention_key(b, 32, hkv, d, DT))] = cd
         if flashinfer:
             b = x["q"].shape[0]  # (flashinfer reads one layer: its keys stay in L2, unlike the rows above)
             row += " | " + flashinfer_times(
@@ -260,6 +256,10 @@ def cascade(
             )  # fmt: skip
         rows.append(row)
         print(row, flush=True)
+    if save_tuned:  # saved after the timings, which would otherwise read them
+        os.environ["SGLC_CACHE_DIR"] = save_tuned  # where the runtime looks with SGLC_CACHE_DIR=save_tuned
+        A.autotune.use_cache_file(None)
+        rows.append(f"tuned configs saved to {A.autotune.save_entries(A.autotune.load_entries() | winners)}")
     return rows
 
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import torch
+
 from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
+from sgl_compile.runtime.kv_pool import KVPool
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,13 @@ def _mean_sq(r: tuple[int, int]) -> float:
     return sum(x * x for x in range(lo, hi + 1)) / (hi - lo + 1)
 
 
-def floor(w: Workload, dev: Device, dtype_bytes: int = 2) -> dict[str, float]:
+def floor(w: Workload, dev: Device, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
     c = DUMMY_CONFIGS[w.model]
     h, layers = c.hidden_size, c.num_layers
     body = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
     head = c.vocab_size * h
-    weights = (body + head + (0 if c.tie_word_embeddings else head)) * dtype_bytes
-    kv_per_token = 2 * layers * c.kv_size * dtype_bytes
+    weights = (body + head + (0 if c.tie_word_embeddings else head)) * dtype.itemsize
+    kv_per_token = KVPool.bytes_per_token(layers, c.num_kv_heads, c.head_dim, dtype)
     attn = 4 * layers * c.q_size  # FLOPs per (query, key) pair: QK^T and PV
     n, mean_in, mean_out = w.num_prompts, _mean(w.input_len), _mean(w.output_len)
     out_tokens = n * mean_out
