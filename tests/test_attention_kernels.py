@@ -300,6 +300,15 @@ def test_cascade_decode_heuristic_and_long_prefix():
     )
 
 
+def test_cascade_whole_prefix_per_program():
+    """The heuristic's config for large batches of 16-bit D <= 64 rows (one split, 128-key tiles, three
+    stages): two groups of 16 over prefixes of 300 and 129 keys (a partial last tile), one alone."""
+    h = attention.shared_prefix_heuristic(1024, 8, 4, 64, torch.bfloat16)()
+    assert h == {"BLOCK_N": 128, "MEMBERS": 16, "num_splits": 1, "num_warps": 4, "num_stages": 3}
+    groups = [(300, [1 + i % 5 for i in range(16)]), (129, [2] * 16), (0, [7])]
+    _check_cascade(_cascade_batch(9, groups, 2, 4, 64, torch.float16), {"shared_prefix_attention": h})
+
+
 def test_cascade_programs_loop_over_more_tiles_than_the_grid_holds():
     """Seven groups (four of them singletons) in a batch of 10 with MEMBERS 4: 7 tiles for 6 programs."""
     groups = [(30, [3]), (0, [2]), (25, [1, 4]), (0, [5]), (40, [2]), (10, [1, 1]), (0, [3])]
@@ -337,6 +346,15 @@ def test_keys_and_config_space():
     h = attention.decode_attention_heuristic(1, 8, 128, torch.bfloat16)()
     assert h["num_splits"] > 1 and h["BLOCK_N"] >= 16
     assert attention.decode_attention_heuristic(256, 8, 128, torch.bfloat16)()["num_splits"] == 1
+    # shared prefix: 2 splits where 256 requests leave room (H200 sweep), one where 1024 fill the
+    # machine, with longer tiles only where three stages of them fit (D 64 in 16 bits)
+    shared = attention.shared_prefix_heuristic
+    assert shared(256, 8, 4, 64, torch.bfloat16)() == {
+        "BLOCK_N": 64, "MEMBERS": 16, "num_splits": 2, "num_warps": 4, "num_stages": 2
+    }  # fmt: skip
+    assert shared(1024, 8, 4, 64, torch.bfloat16)()["BLOCK_N"] == 128
+    assert shared(1024, 8, 4, 128, torch.bfloat16)()["BLOCK_N"] == 64
+    assert shared(1024, 8, 4, 64, torch.float32)()["BLOCK_N"] == 64
 
 
 def test_attention_backends_refused_where_they_cannot_run():
