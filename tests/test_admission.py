@@ -252,23 +252,23 @@ def test_cuda_graph_buckets():
 
 
 def test_memory_plan_counts_the_graphs_logits():
-    """Each decode graph keeps its bucket's logits: the KV budget leaves room for them."""
+    """The decode graphs share one logits buffer, the largest bucket's rows: the KV budget leaves room
+    for it (cascade's second set of graphs writes the same buffer)."""
     from types import SimpleNamespace
 
     import torch
 
-    from sgl_compile.runtime.cuda_graphs import batch_size_buckets
     from sgl_compile.runtime.launch import EngineArgs, graph_logits_bytes
 
     gpu = SimpleNamespace(
         device=torch.device("cuda"), dtype=torch.bfloat16, config=SimpleNamespace(vocab_size=1000)
     )
     args = EngineArgs(max_running_requests=1024, cuda_graph_max_bs=1024)
-    assert graph_logits_bytes(gpu, args) == sum(batch_size_buckets(1024)) * 1000 * 2
-    assert graph_logits_bytes(gpu, EngineArgs(max_running_requests=1024, cuda_graph_max_bs=8)) == 15 * 2000
-    assert graph_logits_bytes(gpu, EngineArgs(max_running_requests=4, cuda_graph_max_bs=8)) == 7 * 2000
+    assert graph_logits_bytes(gpu, args) == 1024 * 1000 * 2
+    assert graph_logits_bytes(gpu, EngineArgs(max_running_requests=1024, cuda_graph_max_bs=8)) == 8 * 2000
+    assert graph_logits_bytes(gpu, EngineArgs(max_running_requests=6, cuda_graph_max_bs=8)) == 6 * 2000
     cascade = EngineArgs(max_running_requests=4, cuda_graph_max_bs=8, enable_cascade_attention=True)
-    assert graph_logits_bytes(gpu, cascade) == (7 + 6) * 2000  # (no cascade graph for a batch of 1)
+    assert graph_logits_bytes(gpu, cascade) == 4 * 2000
     assert graph_logits_bytes(gpu, EngineArgs(cuda_graph_max_bs=8, disable_cuda_graph=True)) == 0
     assert graph_logits_bytes(SimpleNamespace(**(vars(gpu) | {"device": torch.device("cpu")})), args) == 0
 

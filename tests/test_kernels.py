@@ -471,26 +471,29 @@ def test_quant_gemms_model_shapes_bf16(m, n, k):
 
 
 def test_bound_program_calls_the_kernels_and_matches() -> None:
-    """codegen.bind_cuda_kernels: every sglc op with a CUDA kernel is called directly, same logits (the
-    kernels run on CPU through the interpreter here)."""
+    """codegen.bind_cuda_kernels: every sglc op with a CUDA kernel is called directly, same logits (on CPU
+    the kernels run through the interpreter); given a buffer (decode graphs share one), the LM head
+    writes its rows there."""
     from sgl_compile.codegen import bind_cuda_kernels, cuda_kernels
     from sgl_compile.driver import compile_model
     from sgl_compile.ir.capture import input_names
     from sgl_compile.passes.lower_attention import prefill_inputs
 
-    compiled = compile_model(model="dummy:smollm2-135m")
+    compiled = compile_model(model="dummy:smollm2-135m", device=DEVICE)
     bound = bind_cuda_kernels(compiled.program)
     targets = [n.target for n in bound.graph.nodes if n.op == "call_function"]
     assert not any(t in cuda_kernels() for t in targets)
     launchers = set(cuda_kernels().values())
     assert sum(t in launchers for t in targets) >= 4 * compiled.config.num_layers
     c = compiled.config
-
-    def run(program):
-        inputs = prefill_inputs(
-            [[5, 6, 7], [8, 9]], (c.num_layers, c.num_kv_heads, c.head_dim), c_dtype, "cpu"
-        )
-        return program(**{n: inputs[n] for n in input_names(compiled.program)})
-
-    c_dtype = compiled.dtype
-    torch.testing.assert_close(run(bound), run(compiled.program), rtol=1e-4, atol=1e-4)
+    inputs = prefill_inputs(
+        [[5, 6, 7], [8, 9]], (c.num_layers, c.num_kv_heads, c.head_dim), compiled.dtype, DEVICE
+    )
+    inputs = {n: inputs[n] for n in input_names(compiled.program)}
+    expected = compiled.program(**inputs)
+    torch.testing.assert_close(bound(**inputs), expected, rtol=1e-4, atol=1e-4)
+    rows = expected.shape[0]
+    buf = torch.full((rows + 3, expected.shape[1]), float("nan"), dtype=compiled.dtype, device=DEVICE)
+    assert bound(**inputs, logits_out=buf[:rows]).data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf[:rows], expected, rtol=1e-4, atol=1e-4)
+    assert buf[rows:].isnan().all()

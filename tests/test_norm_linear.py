@@ -166,6 +166,26 @@ def test_programs_bind_plain_linears_to_the_gemv_launcher():
     assert [n.target for n in bound.graph.nodes if n.op == "call_function"] == [norm_linear.linear]
     xs, ws = _randn(_gen(2), 3, 64), _randn(_gen(3), 40, 64)
     torch.testing.assert_close(bound(xs, ws), torch.nn.functional.linear(xs, ws), rtol=0, atol=0)
+    buf = torch.zeros(5, 40, device=xs.device)  # a caller's buffer (LOGITS_OUT): written in place
+    assert bound(xs, ws, logits_out=buf[1:4]).data_ptr() == buf[1:].data_ptr()
+    torch.testing.assert_close(buf[1:4], torch.nn.functional.linear(xs, ws), rtol=0, atol=0)
+    assert not buf[0].any() and not buf[4].any()
+
+
+def test_a_last_op_without_an_out_variant_is_copied_into_the_buffer():
+    from torch import fx
+
+    from sgl_compile.codegen import bind_cuda_kernels
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0)))
+    bound = bind_cuda_kernels(fx.GraphModule(torch.nn.Module(), g))
+    xs = _randn(_gen(4), 3, 8)
+    buf = torch.zeros(3, 8, device=xs.device)
+    assert bound(xs, logits_out=buf) is buf
+    torch.testing.assert_close(buf, xs * 2, rtol=0, atol=0)
+    torch.testing.assert_close(bound(xs), xs * 2, rtol=0, atol=0)  # (no buffer: the op's own output)
 
 
 @pytest.mark.gpu

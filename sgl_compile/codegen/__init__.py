@@ -42,9 +42,20 @@ def register_cuda_kernels() -> None:
         torch.library.register_kernel(op._name, "cuda", launcher)
 
 
+# The bound program's optional input: a buffer its logits are written into (rows x vocab, the program's
+# dtype). Decode graphs of every batch size share one, where each would otherwise keep its own.
+LOGITS_OUT = "logits_out"
+
+
+def _into(x, out):
+    """The program's output copied into `out` where given (a last op without an out variant)."""
+    return x if out is None else out.copy_(x)
+
+
 def bind_cuda_kernels(gm, overrides: dict | None = None):
     """A copy of the program whose `sglc::` op nodes call their CUDA launchers directly (or the
-    launcher `overrides` names for an op: another backend's, e.g. flashinfer's attention).
+    launcher `overrides` names for an op: another backend's, e.g. flashinfer's attention), and which
+    takes an optional LOGITS_OUT buffer for its output.
 
     Plain projections (`aten.linear`) get the GEMV's launcher, which serves batch-1 decode and hands
     everything else to cuBLAS. Same graph, same weights (shared); what goes is the dispatcher's
@@ -63,8 +74,18 @@ def bind_cuda_kernels(gm, overrides: dict | None = None):
     graph_only = {torch.ops.aten.linear.default: norm_linear.linear}
     kernels = {**cuda_kernels(), **graph_only, **(overrides or {})}
     bound = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    for node in bound.graph.nodes:
+    graph = bound.graph
+    for node in graph.nodes:
         if node.op == "call_function" and node.target in kernels:
             node.target = kernels[node.target]
+    with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
+        out = graph.placeholder(LOGITS_OUT, default_value=None)
+    output = graph.output_node()
+    (logits,) = output.args
+    if logits.op == "call_function" and logits.target in (norm_linear.rms_norm_linear, norm_linear.linear):
+        logits.kwargs = {**logits.kwargs, "out": out}  # the LM head's GEMM writes the buffer itself
+    else:
+        with graph.inserting_before(output):
+            output.args = (graph.call_function(_into, (logits, out)),)
     bound.recompile()
     return bound

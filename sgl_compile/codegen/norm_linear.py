@@ -215,6 +215,7 @@ def _fused(
     bias: Tensor | None,
     activation: str,
     config: Config | None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     n, k = weight.shape
     gated = activation == "silu_and_mul"
@@ -224,7 +225,10 @@ def _fused(
         config = autotune.get_config("norm_linear", key, lambda: _heuristic(n_out, k, x.device, gated))
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
-    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    elif out.shape != (*x.shape[:-1], n_out) or out.dtype != x.dtype:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype}: expected {(*x.shape[:-1], n_out)} {x.dtype}")
     out2 = out.view(-1, n_out)
     summed = torch.empty_like(x) if residual is not None else None
     s2 = summed.view(-1, k) if summed is not None else x2
@@ -263,9 +267,19 @@ def _fused(
     return out, summed
 
 
-def _linear_activation(h: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
-    out = F.linear(h, weight, bias)
-    return act_kernels.silu_and_mul(out) if activation == "silu_and_mul" else out
+def _linear_activation(
+    h: Tensor, weight: Tensor, bias: Tensor | None, activation: str, out: Tensor | None = None
+) -> Tensor:
+    if out is not None and activation == "none":  # cuBLAS's GEMM as F.linear runs it, into `out`
+        h2, out2 = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
+        if bias is None:
+            torch.mm(h2, weight.t(), out=out2)
+        else:
+            torch.addmm(bias, h2, weight.t(), out=out2)
+        return out
+    y = F.linear(h, weight, bias)
+    y = act_kernels.silu_and_mul(y) if activation == "silu_and_mul" else y
+    return y if out is None else out.copy_(y)
 
 
 def rms_norm_linear(
@@ -276,12 +290,14 @@ def rms_norm_linear(
     bias: Tensor | None,
     activation: str,
     config: Config | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """`sglc::rms_norm_linear`: activation(linear(rms_norm(x), weight, bias))."""
+    """`sglc::rms_norm_linear`: activation(linear(rms_norm(x), weight, bias)); into `out` (contiguous,
+    the result's shape and x's dtype) where given: a program's LM head writing a caller's buffer."""
     check_norm_linear_activation(activation)
     if fusable(x, weight) or config is not None:
-        return _fused(x, None, norm_weight, eps, weight, bias, activation, config)[0]
-    return _linear_activation(norm.rms_norm(x, norm_weight, eps), weight, bias, activation)
+        return _fused(x, None, norm_weight, eps, weight, bias, activation, config, out)[0]
+    return _linear_activation(norm.rms_norm(x, norm_weight, eps), weight, bias, activation, out)
 
 
 def add_rms_norm_linear(
@@ -304,9 +320,15 @@ def add_rms_norm_linear(
     return _linear_activation(normed, weight, bias, activation), summed
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: Config | None = None) -> Tensor:
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    config: Config | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """`aten.linear` in a program on CUDA (bound by `codegen.bind_cuda_kernels`): the same GEMV without
-    a norm where it serves (`fusable`; a passed config forces it), else F.linear (cuBLAS)."""
+    a norm where it serves (`fusable`; a passed config forces it), else cuBLAS; into `out` where given."""
     if fusable(x, weight) or config is not None:
-        return _fused(x, None, None, 0.0, weight, bias, "none", config)[0]
-    return F.linear(x, weight, bias)
+        return _fused(x, None, None, 0.0, weight, bias, "none", config, out)[0]
+    return F.linear(x, weight, bias) if out is None else _linear_activation(x, weight, bias, "none", out)

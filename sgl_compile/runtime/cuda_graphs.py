@@ -5,7 +5,10 @@ microseconds each; launched from Python they cost more than they compute.
 Replaying a captured graph launches them all at once. Inputs live in static
 buffers, which the runner fills on the device before each replay; a batch is
 padded up to its bucket with rows that write no KV (slot -1), attend to one
-dummy key, and whose logits are dropped.
+dummy key, and whose logits are dropped. Every graph writes its logits into the
+first rows of one buffer (a replay's logits are valid until the next replay, which
+the scheduler's order guarantees: a step's sampler is queued before the next
+forward), so graphs cost their intermediates in one shared pool and no logits each.
 
 With cascade attention each bucket has two graphs: plain decode, and decode
 over the batch's cascade groups. The runner picks per step (the scheduler names
@@ -23,6 +26,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sgl_compile.codegen import LOGITS_OUT
+
 if TYPE_CHECKING:
     from sgl_compile.runtime.model_runner import ModelRunner
 
@@ -31,8 +36,8 @@ log = logging.getLogger(__name__)
 
 def batch_size_buckets(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then steps of 8 up to 256, of 64 above (and max_bs itself). Above 256 a decode step
-    is mostly GEMMs over many rows and KV reads, so padding up to 63 rows costs little, and each graph
-    keeps its own logits (rows x vocab): 12 graphs from 320 to 1024 instead of 96."""
+    is mostly GEMMs over many rows and KV reads, so padding up to 63 rows costs little: 12 graphs from
+    320 to 1024 instead of 96 (each one's capture and pool)."""
     small = [b for b in (1, 2, 4, 8) if b <= max_bs] + list(range(16, min(max_bs, 256) + 1, 8))
     return sorted(set(small + list(range(320, max_bs + 1, 64)) + [max_bs]))
 
@@ -71,7 +76,8 @@ class DecodeGraphs:
         if self.attention is not None:
             self.attention.reserve_graphs(self.max_bs, self.max_kv)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (bucket, with groups)
-        self.outputs: dict[tuple[int, bool], Tensor] = {}
+        c = runner.compiled
+        self.logits = torch.empty((self.max_bs, c.config.vocab_size), dtype=c.dtype, device=device)
         self.pool = None
         self._capture(runner)
 
@@ -99,11 +105,16 @@ class DecodeGraphs:
                 inputs = self._inputs(bs, cascade)
                 if self.attention is not None:  # capture with every row on one key; replays re-plan
                     self.attention.plan_graph(bs, list(range(bs + 1)), self.kv_indices)
+                inputs[LOGITS_OUT] = self.logits[:bs]
                 for _ in range(2):  # compile kernels and settle allocations outside the capture
                     runner.run_program(inputs)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[bs, cascade] = runner.run_program(inputs)
+                    logits = runner.run_program(inputs)
+                if logits.data_ptr() != self.logits.data_ptr() or logits.shape != (bs, self.logits.shape[1]):
+                    raise RuntimeError(
+                        f"decode graph {bs}: logits {tuple(logits.shape)} not in the shared buffer"
+                    )
                 self.pool = graph.pool()
                 self.graphs[bs, cascade] = graph
         torch.cuda.current_stream().wait_stream(stream)
@@ -133,11 +144,12 @@ class DecodeGraphs:
         self.shared_len[b:bs].zero_()
 
     def replay(self, bs: int, n: int, cascade: bool, host_kv_indptr: list[int] | None = None) -> Tensor:
-        """Logits of the batch's n rows; host_kv_indptr (the real rows') where flashinfer plans."""
+        """Logits of the batch's n rows (the shared buffer's: valid until the next replay); host_kv_indptr
+        (the real rows') where flashinfer plans."""
         if self.attention is not None:
             kvp = host_kv_indptr
             self.attention.plan_graph(
                 bs, kvp + list(range(kvp[-1] + 1, kvp[-1] + 1 + bs - n)), self.kv_indices
             )
         self.graphs[bs, cascade].replay()
-        return self.outputs[bs, cascade][:n]
+        return self.logits[:n]

@@ -20,7 +20,7 @@ from sgl_compile.errors import SglcError
 from sgl_compile.ir.capture import input_names
 from sgl_compile.models.loading import DEFAULT_MODEL
 from sgl_compile.passes.lower_attention import prefill_inputs
-from sgl_compile.runtime.cuda_graphs import graph_keys
+from sgl_compile.runtime.cuda_graphs import batch_size_buckets
 from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
@@ -88,13 +88,13 @@ def activation_peak_bytes(compiled: CompiledModel, tokens: int) -> int:
 
 
 def graph_logits_bytes(compiled: CompiledModel, args: EngineArgs) -> int:
-    """What the decode graphs keep after capture: each graph's logits (its bucket's rows x vocab; their
-    intermediates share one pool, no larger than the activation peak). With cascade attention each
-    bucket but 1 has a second graph. 1.1 GB for buckets to 256 at a 128k vocab, 3.2 GB to 1024."""
+    """What the decode graphs keep after capture beside their pool (intermediates, no larger than the
+    activation peak): the logits buffer they share, the largest bucket's rows x vocab (263 MB at 1024
+    rows of a 128k vocab in bf16; when each graph kept its own, 3.2 GB, twice that with cascade)."""
     if compiled.device.type != "cuda" or args.disable_cuda_graph or not args.cuda_graph_max_bs:
         return 0
-    keys = graph_keys(min(args.cuda_graph_max_bs, args.max_running_requests), args.enable_cascade_attention)
-    return sum(bs for bs, _ in keys) * compiled.config.vocab_size * compiled.dtype.itemsize
+    max_bs = batch_size_buckets(min(args.cuda_graph_max_bs, args.max_running_requests))[-1]
+    return max_bs * compiled.config.vocab_size * compiled.dtype.itemsize
 
 
 def default_max_total_tokens(compiled: CompiledModel, args: EngineArgs) -> int:
