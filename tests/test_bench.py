@@ -39,3 +39,29 @@ def test_floors_match_hand_arithmetic():
     assert 300 < f["running"] < 400
     assert floor(bar3, DEVICES["h200"])["running"] == 512
     assert 9_500 < f["output_tok_s"] < 10_000
+
+
+def test_kernel_builds_are_recorded_inside_the_block_only():
+    """record_builds wraps Triton's per-specialization build step for the block and puts it back; the
+    wrapper passes calls through and times them under the kernel's name."""
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import JITFunction
+
+    from sgl_compile.bench.compiles import Builds, record_builds, timed
+
+    original = JITFunction._do_compile
+    with record_builds() as builds:
+        assert JITFunction._do_compile is not original
+    assert JITFunction._do_compile is original and builds.kernels == []
+
+    def my_kernel():  # stands in for the @triton.jit function a JITFunction holds
+        pass
+
+    seen, recorded = [], Builds()
+    build = timed(lambda fn, *args, **kwargs: seen.append((args, kwargs)) or "kernel", recorded)
+    assert build(SimpleNamespace(fn=my_kernel), "key", warmup=False) == "kernel"
+    assert seen == [(("key",), {"warmup": False})]
+    assert [name for name, _ in recorded.kernels] == ["my_kernel"]
+    summary = recorded.summary()
+    assert summary["kernel_builds"] == 1 and list(summary["kernel_builds_by_name"]) == ["my_kernel"]

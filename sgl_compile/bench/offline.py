@@ -7,6 +7,7 @@ import statistics
 import time
 from typing import Any
 
+from sgl_compile.bench.compiles import record_builds
 from sgl_compile.bench.datasets import BenchRequest
 from sgl_compile.runtime.engine import Engine
 from sgl_compile.runtime.launch import EngineArgs, load_program
@@ -28,9 +29,10 @@ def offline_throughput(engine: Engine, requests: list[BenchRequest]) -> dict[str
     engine.flush_cache()
     params = [{"max_new_tokens": r.output_len, "temperature": 0, "ignore_eos": True} for r in requests]
     before = engine.get_stats()
-    start = time.perf_counter()
-    outs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
-    duration = time.perf_counter() - start
+    with record_builds() as builds:  # kernels the warm-up missed, built inside the timed run
+        start = time.perf_counter()
+        outs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
+        duration = time.perf_counter() - start
     after = engine.get_stats()
     out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
     in_tokens = sum(len(r.input_ids) for r in requests)
@@ -47,6 +49,7 @@ def offline_throughput(engine: Engine, requests: list[BenchRequest]) -> dict[str
         "num_retractions": after["num_retractions"] - before["num_retractions"],
         "cascade_steps": after["cascade_steps"] - before["cascade_steps"],
         "max_total_tokens": engine.scheduler.kv.size,
+        **builds.summary(),
     }
 
 
@@ -83,7 +86,8 @@ def static_batch_latency(
 
     _run_batch(sched, batch()[:1], device)  # warm-up
     reqs = batch()
-    prefill, steps = _run_batch(sched, reqs, device)
+    with record_builds() as builds:
+        prefill, steps = _run_batch(sched, reqs, device)
     total = prefill + sum(steps)
     return {
         "batch_size": batch_size,
@@ -95,6 +99,7 @@ def static_batch_latency(
         "decode_throughput": batch_size / statistics.median(steps) if steps else 0.0,
         "total_latency_s": total,
         "overall_throughput": batch_size * output_len / total,
+        **builds.summary(),
     }
 
 
