@@ -4,6 +4,7 @@ On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTE
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,6 +84,35 @@ def test_decode_inputs_kernel_matches_reference(seed, n, pad, columns) -> None:
     assert torch.equal(dev[1].cpu(), ref_table)
     for got, want in zip(dev[3:], ref_out, strict=True):
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("n,pad", [(256, 0), (300, 5)])
+def test_decode_inputs_wide_batches(n, pad) -> None:
+    """A batch filling the 256-wide scan, and one past it (the next width)."""
+    meta, table, future, outputs = _decode_case(n, n, pad, 40)
+    ref_table, ref_out = table.clone(), [o.clone() for o in outputs]
+    decode_inputs_reference(meta, ref_table, future, *ref_out)
+    dev = [t.to(DEVICE) for t in (meta, table, future, *outputs)]
+    decode_inputs(*dev)
+    assert torch.equal(dev[1].cpu(), ref_table)
+    for got, want in zip(dev[3:], ref_out, strict=True):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels: CUDA")
+def test_decode_inputs_compiles_once_for_every_batch_to_256() -> None:
+    """A shrinking batch (an offline run's requests finishing) must not compile a kernel per size."""
+    from sgl_compile.bench.compiles import record_builds
+
+    def run(n: int) -> None:
+        meta, table, future, outputs = _decode_case(n, n, 1, 40)
+        decode_inputs(*[t.to(DEVICE) for t in (meta, table, future, *outputs)])
+
+    run(5)
+    with record_builds() as builds:
+        for n in (1, 2, 16, 17, 64, 200, 256):
+            run(n)
+    assert builds.kernels == []
 
 
 @settings(max_examples=15, deadline=None)

@@ -28,7 +28,16 @@ from torch import Tensor
 BLOCK_KEYS = 1024  # table entries one loop iteration copies
 
 
-@triton.jit
+def _block_b(n: int) -> int:
+    """The width of the kernel's scan over the batch's lengths: one width up to 256 requests (then a
+    power of two). Each width, and each specialisation of n_real (1, a multiple of 16, other: hence
+    do_not_specialize), is a kernel compiled when first seen, and an offline run's batch shrinks
+    through every size as requests finish: with a width per power of two that was ~14 compiles in
+    the middle of serving. A 256-wide scan is 2 KB of loads a program."""
+    return max(256, triton.next_power_of_2(n))
+
+
+@triton.jit(do_not_specialize=["n_real"])
 def _decode_inputs_kernel(
     Meta,
     n_real,
@@ -95,7 +104,7 @@ def decode_inputs(
     assert table.stride(1) == 1 and meta.is_contiguous()
     _decode_inputs_kernel[(bs,)](
         meta, n, table, table.stride(0), future, input_ids, positions, slot_mapping, kv_indptr, kv_indices,
-        BLOCK_B=triton.next_power_of_2(max(n, 1)), BLOCK_K=BLOCK_KEYS, num_warps=4,
+        BLOCK_B=_block_b(n), BLOCK_K=BLOCK_KEYS, num_warps=4,
     )  # fmt: skip
 
 
