@@ -114,15 +114,6 @@ class ReqToTokenPool:
         if slots:
             self.table[row, start : start + len(slots)] = to_device(slots, self.device)
 
-    def note(self, row: int, start: int, slot: int) -> None:
-        """Position start of the host row only (a decode step's slot: the device row is written by the
-        decode-inputs kernel)."""
-        host = self.host[row]
-        if start < len(host):
-            host[start] = slot
-        else:
-            host.append(slot)
-
     def slots(self, row: int, length: int) -> array.array:
         return self.host[row][:length]
 

@@ -56,7 +56,7 @@ class ForwardBatch:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("host_")}
 
 
-@dataclass
+@dataclass(slots=True)  # (built for every running request every step)
 class ScheduledReq:
     req: Req
     start: int  # first position computed this step (== req.kv_len before the step)
@@ -129,13 +129,20 @@ class ModelRunner:
     def _decode(self, batch: list[ScheduledReq]) -> Tensor:
         n = len(batch)
         tokens, kv_lens, slots, rows = [], [], [], []
+        host_rows = self.table.host
+        # (per request per step at up to 1024 requests: inlined, ReqToTokenPool.note's host write included)
         for s in batch:
-            req = s.req
-            tokens += req.ids_between(s.start, s.start + 1)
-            kv_lens.append(s.start + 1)
-            slots += s.new_slots
+            req, start, slot = s.req, s.start, s.new_slots[0]
+            prompt = req.prompt_ids  # the row's input: all_ids[start]
+            tokens.append(prompt[start] if start < len(prompt) else req.output_ids[start - len(prompt)])
+            kv_lens.append(start + 1)
+            slots.append(slot)
             rows.append(req.row)
-            self.table.note(req.row, s.start, s.new_slots[0])
+            host = host_rows[req.row]
+            if start < len(host):
+                host[start] = slot
+            else:
+                host.append(slot)
         meta = to_device(tokens + kv_lens + slots + rows, self.device).view(4, n)
         n_kv = sum(kv_lens)
         grouped = self.cascade and any(s.shared is not None for s in batch)

@@ -344,7 +344,7 @@ class Scheduler:
     def _schedule_extend(self) -> list[ScheduledReq]:
         budget = self.cfg.chunked_prefill_size if self.cfg.chunked_prefill_size > 0 else 1 << 62
         batch: list[ScheduledReq] = []
-        partial = [r for r in self.running if r.seq_len - r.kv_len > 1]
+        partial = [r for r in self.running if len(r.prompt_ids) + len(r.output_ids) - r.kv_len > 1]
         waiting = []
         if self.waiting and len(self.running) < self.cfg.max_running_requests and self.table.available():
             self._reserved = sum(self._kv_to_come(r) for r in self.running)
@@ -499,13 +499,14 @@ class Scheduler:
         row = 0
         for i, s in enumerate(batch):
             req, n, length = s.req, len(s.logit_positions), s.length
-            if req.wants_prompt_logprobs and n:
+            if n and req.params.return_logprob and req.wants_prompt_logprobs:
                 prompt_rows[i] = logits[row : row + n].clone()
             row += n
             req.kv_len += length
             if length > 1:
                 self._cache_unfinished(req)
-            rows.append(row - 1 if s.samples else -1)
+            # (s.samples, inlined: the KV now covers the whole sequence)
+            rows.append(row - 1 if req.kv_len == len(req.prompt_ids) + len(req.output_ids) else -1)
         return _Forward(batch, logits, rows, prompt_rows)
 
     def _sample(self, queued: _Forward) -> _Inflight:
@@ -517,7 +518,8 @@ class Scheduler:
         draws = [
             (s.req, r)
             for s, r in zip(queued.batch, queued.rows, strict=True)
-            if r >= 0 and s.req.finish is None and s.req.kv_len == s.start + s.length == s.req.seq_len
+            if r >= 0 and s.req.finish is None
+            and s.req.kv_len == s.start + s.length == len(s.req.prompt_ids) + len(s.req.output_ids)
             and s.req.params.max_new_tokens > 0
         ]  # fmt: skip
         reqs = [r for r, _ in draws]
