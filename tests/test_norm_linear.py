@@ -186,6 +186,17 @@ def test_a_last_op_without_an_out_variant_is_copied_into_the_buffer():
     assert bound(xs, logits_out=buf) is buf
     torch.testing.assert_close(buf, xs * 2, rtol=0, atol=0)
     torch.testing.assert_close(bound(xs), xs * 2, rtol=0, atol=0)  # (no buffer: the op's own output)
+    with pytest.raises(ValueError, match="expected"):  # a wrong buffer is refused, not resized or cast
+        bound(xs, logits_out=torch.zeros(4, 8, device=xs.device))
+
+
+def test_a_wrong_out_buffer_is_refused():
+    """out= on a GEMM would resize a view of a larger buffer (wrong values in its rows): refused."""
+    xs, ws = _randn(_gen(5), 3, 64), _randn(_gen(6), 40, 64)
+    with pytest.raises(ValueError, match="expected"):
+        norm_linear.linear(xs, ws, out=torch.zeros(3, 41, device=xs.device))
+    with pytest.raises(ValueError, match="expected"):
+        norm_linear.linear(xs, ws, out=torch.zeros(3, 40, device=xs.device, dtype=torch.float64))
 
 
 @pytest.mark.gpu

@@ -49,7 +49,12 @@ LOGITS_OUT = "logits_out"
 
 def _into(x, out):
     """The program's output copied into `out` where given (a last op without an out variant)."""
-    return x if out is None else out.copy_(x)
+    if out is None:
+        return x
+    from sgl_compile.codegen.norm_linear import check_out
+
+    check_out(out, x.shape, x.dtype)
+    return out.copy_(x)
 
 
 def bind_cuda_kernels(gm, overrides: dict | None = None):

@@ -50,7 +50,7 @@ CONFIG_SPACE: dict[str, list[Config]] = {
     ],
     "shared_prefix_attention": [
         {"BLOCK_N": bn, "MEMBERS": m, "num_splits": s, "num_warps": w, "num_stages": st}
-        for bn in (32, 64)
+        for bn in (32, 64, 128)
         for m in (4, 8, 16)
         for s in (1, 2, 4, 8, 16)
         for w in (4, 8)

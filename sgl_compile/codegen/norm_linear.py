@@ -227,8 +227,8 @@ def _fused(
     r2 = _rows(residual) if residual is not None else x2
     if out is None:
         out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
-    elif out.shape != (*x.shape[:-1], n_out) or out.dtype != x.dtype:
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype}: expected {(*x.shape[:-1], n_out)} {x.dtype}")
+    else:
+        check_out(out, (*x.shape[:-1], n_out), x.dtype)
     out2 = out.view(-1, n_out)
     summed = torch.empty_like(x) if residual is not None else None
     s2 = summed.view(-1, k) if summed is not None else x2
@@ -271,6 +271,7 @@ def _linear_activation(
     h: Tensor, weight: Tensor, bias: Tensor | None, activation: str, out: Tensor | None = None
 ) -> Tensor:
     if out is not None and activation == "none":  # cuBLAS's GEMM as F.linear runs it, into `out`
+        check_out(out, (*h.shape[:-1], weight.shape[0]), h.dtype)
         h2, out2 = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
         if bias is None:
             torch.mm(h2, weight.t(), out=out2)
@@ -279,7 +280,17 @@ def _linear_activation(
         return out
     y = F.linear(h, weight, bias)
     y = act_kernels.silu_and_mul(y) if activation == "silu_and_mul" else y
-    return y if out is None else out.copy_(y)
+    if out is None:
+        return y
+    check_out(out, y.shape, y.dtype)
+    return out.copy_(y)
+
+
+def check_out(out: Tensor, shape: tuple | torch.Size, dtype: torch.dtype) -> None:
+    """A caller's output buffer must be the result exactly: out= would resize a wrong one (a view of a
+    larger buffer keeps its rows, wrong values) and copy_ would broadcast or cast."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype}: expected {tuple(shape)} {dtype}")
 
 
 def rms_norm_linear(
