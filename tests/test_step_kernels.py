@@ -76,20 +76,18 @@ def _decode_case(seed: int, n: int, pad: int, columns: int):
     seed=st.integers(0, 2**31 - 1), n=st.integers(1, 9), pad=st.integers(0, 4), columns=st.integers(1, 2100)
 )
 def test_decode_inputs_kernel_matches_reference(seed, n, pad, columns) -> None:
-    meta, table, future, outputs = _decode_case(seed, n, pad, columns)
-    ref_table, ref_out = table.clone(), [o.clone() for o in outputs]
-    decode_inputs_reference(meta, ref_table, future, *ref_out)
-    dev = [t.to(DEVICE) for t in (meta, table, future, *outputs)]
-    decode_inputs(*dev)
-    assert torch.equal(dev[1].cpu(), ref_table)
-    for got, want in zip(dev[3:], ref_out, strict=True):
-        assert torch.equal(got.cpu(), want)
+    _check_decode_inputs(seed, n, pad, columns)
 
 
 @pytest.mark.parametrize("n,pad", [(256, 0), (300, 5)])
 def test_decode_inputs_wide_batches(n, pad) -> None:
     """A batch filling the 256-wide scan, and one past it (the next width)."""
-    meta, table, future, outputs = _decode_case(n, n, pad, 40)
+    _check_decode_inputs(n, n, pad, 40)
+
+
+def _check_decode_inputs(seed: int, n: int, pad: int, columns: int) -> None:
+    """The kernel's table and outputs equal the reference's on one case."""
+    meta, table, future, outputs = _decode_case(seed, n, pad, columns)
     ref_table, ref_out = table.clone(), [o.clone() for o in outputs]
     decode_inputs_reference(meta, ref_table, future, *ref_out)
     dev = [t.to(DEVICE) for t in (meta, table, future, *outputs)]

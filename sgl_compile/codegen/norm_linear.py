@@ -342,4 +342,4 @@ def linear(
     a norm where it serves (`fusable`; a passed config forces it), else cuBLAS; into `out` where given."""
     if fusable(x, weight) or config is not None:
         return _fused(x, None, None, 0.0, weight, bias, "none", config, out)[0]
-    return F.linear(x, weight, bias) if out is None else _linear_activation(x, weight, bias, "none", out)
+    return _linear_activation(x, weight, bias, "none", out)

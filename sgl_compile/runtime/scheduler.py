@@ -499,7 +499,7 @@ class Scheduler:
         row = 0
         for i, s in enumerate(batch):
             req, n, length = s.req, len(s.logit_positions), s.length
-            if n and req.params.return_logprob and req.wants_prompt_logprobs:
+            if req.wants_prompt_logprobs and n:
                 prompt_rows[i] = logits[row : row + n].clone()
             row += n
             req.kv_len += length
