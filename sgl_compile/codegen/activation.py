@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sgl_compile.codegen import autotune
+from sgl_compile.codegen import autotune, pdl
 
 Config = dict[str, int]
 
@@ -35,7 +35,8 @@ def _heuristic(d: int) -> Config:
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, d, stride_x, stride_o, BLOCK_D: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, d, stride_x, stride_o, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait_for_producers(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < d
@@ -58,6 +59,13 @@ def silu_and_mul(x: Tensor, config: Config | None = None) -> Tensor:
         return out
     block = min(config["BLOCK_D"], triton.next_power_of_2(d))
     _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-        x2, out2, d, x2.stride(0), out2.stride(0), BLOCK_D=block, num_warps=config["num_warps"]
+        x2,
+        out2,
+        d,
+        x2.stride(0),
+        out2.stride(0),
+        BLOCK_D=block,
+        num_warps=config["num_warps"],
+        **pdl.launch_kwargs(x2.device),
     )
     return out

@@ -16,13 +16,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sgl_compile.codegen import pdl
+
 BLOCK_V = 2048
 
 
 @triton.jit
-def _chunk_argmax_kernel(X, stride_x, n_cols, ChunkMax, ChunkIdx, n_chunks, BLOCK_V: tl.constexpr):
+def _chunk_argmax_kernel(
+    X, stride_x, n_cols, ChunkMax, ChunkIdx, n_chunks, BLOCK_V: tl.constexpr, PDL: tl.constexpr
+):
     """A chunk's max and the first column reaching it; a chunk holding NaN stores NaN and its first
     NaN's column."""
+    pdl.wait_for_producers(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -38,9 +43,10 @@ def _chunk_argmax_kernel(X, stride_x, n_cols, ChunkMax, ChunkIdx, n_chunks, BLOC
 
 
 @triton.jit
-def _rows_argmax_kernel(ChunkMax, ChunkIdx, n_chunks, Out, BLOCK_C: tl.constexpr):
+def _rows_argmax_kernel(ChunkMax, ChunkIdx, n_chunks, Out, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """A row's answer from its chunks (in column order): the first NaN chunk's, else the first chunk
     reaching the max."""
+    pdl.wait_for_producers(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     big = 2147483647
@@ -64,9 +70,23 @@ def argmax(logits: Tensor) -> Tensor:
     chunk_max = torch.empty(rows, n_chunks, dtype=torch.float32, device=logits.device)
     chunk_idx = torch.empty(rows, n_chunks, dtype=torch.int32, device=logits.device)
     _chunk_argmax_kernel[(rows, n_chunks)](
-        logits, logits.stride(0), cols, chunk_max, chunk_idx, n_chunks, BLOCK_V=BLOCK_V, num_warps=4
+        logits,
+        logits.stride(0),
+        cols,
+        chunk_max,
+        chunk_idx,
+        n_chunks,
+        BLOCK_V=BLOCK_V,
+        num_warps=4,
+        **pdl.launch_kwargs(logits.device),
     )
     _rows_argmax_kernel[(rows,)](
-        chunk_max, chunk_idx, n_chunks, out, BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=1
+        chunk_max,
+        chunk_idx,
+        n_chunks,
+        out,
+        BLOCK_C=triton.next_power_of_2(n_chunks),
+        num_warps=1,
+        **pdl.launch_kwargs(logits.device),
     )
     return out

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sgl_compile.codegen import autotune
+from sgl_compile.codegen import autotune, pdl
 from sgl_compile.codegen.rope import store_kv
 
 Config = dict[str, int]
@@ -251,7 +251,9 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     SKIP_SHARED: tl.constexpr,  # cascade: keys below SharedLen[b] are the shared-prefix kernel's
     STORE_OUT: tl.constexpr,  # a single split and no other partials: write the output directly
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -306,7 +308,9 @@ def _decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -410,6 +414,7 @@ def decode_attention(
         STORE_OUT=splits == 1 and not cascade,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        **pdl.launch_kwargs(q.device),
     )
     if cascade:
         _shared_prefix(q, k, v, mid_o, mid_lse, kv_indptr, kv_indices, cascade_indptr, shared_len, scale,
@@ -438,6 +443,7 @@ def _merge(mid_o: Tensor, mid_lse: Tensor, out: Tensor) -> None:
         BLOCK_S=triton.next_power_of_2(parts),
         BLOCK_D=block_d,
         num_warps=4 if block_d * parts <= 4096 else 8,
+        **pdl.launch_kwargs(out.device),
     )
 
 
@@ -509,7 +515,9 @@ def _shared_prefix_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     # The groups' tiles of MEMBERS requests, counted in-kernel (the grid is fixed per batch size, for
@@ -613,6 +621,7 @@ def _shared_prefix(
         DOT_PRECISION=_dot_precision(k.dtype),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        **pdl.launch_kwargs(q.device),
     )
 
 
@@ -721,7 +730,9 @@ def _extend_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     h = tl.program_id(0)  # heads fastest: a GQA group's programs share K/V tiles in L2
     pid = tl.program_id(1)
     # Find this program's (request, query tile) among the batch's tiles, counted in-kernel.
@@ -835,6 +846,7 @@ def extend_attention(
         DOT_PRECISION=_dot_precision(k.dtype),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        **pdl.launch_kwargs(q.device),
     )
     return out
 

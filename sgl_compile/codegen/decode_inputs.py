@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sgl_compile.codegen import pdl
+
 BLOCK_KEYS = 1024  # table entries one loop iteration copies
 
 
@@ -51,7 +53,9 @@ def _decode_inputs_kernel(
     KvIndices,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     b = tl.program_id(0)
     offs = tl.arange(0, BLOCK_B)
     lens = tl.load(Meta + n_real + offs, mask=offs < n_real, other=0)
@@ -104,7 +108,7 @@ def decode_inputs(
     assert table.stride(1) == 1 and meta.is_contiguous()
     _decode_inputs_kernel[(bs,)](
         meta, n, table, table.stride(0), future, input_ids, positions, slot_mapping, kv_indptr, kv_indices,
-        BLOCK_B=_block_b(n), BLOCK_K=BLOCK_KEYS, num_warps=4,
+        BLOCK_B=_block_b(n), BLOCK_K=BLOCK_KEYS, num_warps=4, **pdl.launch_kwargs(meta.device),
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sgl_compile.codegen import autotune
+from sgl_compile.codegen import autotune, pdl
 
 Config = dict[str, int]
 
@@ -72,7 +72,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ONE_PASS: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row, r_row, o_row, s_row = row * stride_x, row * stride_r, row * stride_o, row * stride_s
     if ONE_PASS:
@@ -137,6 +139,7 @@ def _launch(
         ONE_PASS=block >= hidden,
         BLOCK_H=block,
         num_warps=config["num_warps"],
+        **pdl.launch_kwargs(x2.device),
     )
     return out, summed
 

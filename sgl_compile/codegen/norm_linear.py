@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sgl_compile.codegen import activation as act_kernels
-from sgl_compile.codegen import autotune, norm
+from sgl_compile.codegen import autotune, norm, pdl
 from sgl_compile.ir.ops import check_norm_linear_activation
 
 Config = dict[str, int]
@@ -138,7 +138,11 @@ def _norm_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # The next kernel may launch only once every program has stored: released at the start instead,
+    # its programs took SM slots beside this one's and the 8B's batch-1 step ran 9% slower (H100).
+    pdl.wait_only(PDL)
     pid = tl.program_id(0)
     dtype = X.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
@@ -187,6 +191,7 @@ def _norm_gemv_kernel(
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
         y = (silu.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
     tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
+    pdl.release_dependents(PDL)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -263,6 +268,7 @@ def _fused(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        **pdl.launch_kwargs(x.device),
     )
     return out, summed
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sgl_compile.codegen import autotune
+from sgl_compile.codegen import autotune, pdl
 
 Config = dict[str, int]
 
@@ -77,7 +77,9 @@ def _store_kv_kernel(
     stride_vch,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -141,6 +143,7 @@ def store_kv(
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         num_warps=config["num_warps"],
+        **pdl.launch_kwargs(k.device),
     )
 
 
@@ -193,7 +196,9 @@ def _rope_kernel(
     STORE_CACHE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait_for_producers(PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -299,6 +304,7 @@ def _launch_rope(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=config["num_warps"],
+        **pdl.launch_kwargs(q.device),
     )
     return q_out
 
