@@ -181,7 +181,7 @@ def _kernel_times(fn) -> str:
 
 
 # The decode batches of bar 4's workload (64 groups x 16 prompts sharing 2048 tokens): what the
-# scheduler forms at its decode step 600 (`python -m benchmarks.schedule_replay --enable-cascade-attention
+# scheduler forms at its decode step 600 (`python -m benchmarks.schedule_replay
 # --show-steps 600`: 13 full groups, 6 partial ones, 1 alone; 256 requests), and the batch it holds
 # with --max-running-requests 1024.
 STEP_600 = [(2048, 16)] * 13 + [(2048, n) for n in (15, 9, 8, 7, 5, 3)] + [(0, 1)]

@@ -53,7 +53,7 @@ def main() -> None:
                   for g, c in zip(gpu, cpu, strict=True)]  # fmt: skip
     shared = [rng.randrange(49152) for _ in range(600)]
     grouped = [shared + [rng.randrange(49152) for _ in range(rng.randint(1, 60))] for _ in range(args.batch)]
-    cascade, stats = greedy("cuda", grouped, args.tokens, enable_cascade_attention=True)
+    cascade, stats = greedy("cuda", grouped, args.tokens, cascade_attention="on")
     cascade_same = sum(g == c for g, c in zip(cascade, greedy("cpu", grouped, args.tokens)[0], strict=True))
     ids = prompts[0][:128]
     ref = last_logits("float32", "cpu", ids)

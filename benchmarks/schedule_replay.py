@@ -2,7 +2,7 @@
 the prompt tokens it computes, the decode batches' sizes and cascade groups, and the host time.
 
     python -m benchmarks.schedule_replay [--dataset generated-shared-prefix | random]
-        [--max-running-requests 256] [--enable-cascade-attention] [--disable-radix-cache]
+        [--max-running-requests 256] [--cascade-attention on|off] [--disable-radix-cache]
         [--chunked-prefill-size 8192] [--show-steps 0,300,600,900] [--out FILE]
 
 What the GPU runs is decided here, so a change to scheduling can be judged without one: bar 4's workload
@@ -43,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--max-total-tokens", type=int, default=2_000_000)
     ap.add_argument("--chunked-prefill-size", type=int, default=8192)
-    ap.add_argument("--enable-cascade-attention", action="store_true")
+    ap.add_argument(
+        "--cascade-attention", default="on", choices=["on", "off"], help="on: as serving on a GPU"
+    )
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--show-steps", default="0,300,600,900", help="decode steps whose grouping is printed")
     ap.add_argument("--out", default=None)
@@ -75,7 +77,7 @@ def _replay(args: argparse.Namespace) -> dict:
     cfg = SchedulerConfig(
         max_total_tokens=args.max_total_tokens, context_length=4096, chunked_prefill_size=args.chunked_prefill_size,
         max_running_requests=args.max_running_requests, disable_radix_cache=args.disable_radix_cache,
-        enable_cascade_attention=args.enable_cascade_attention,
+        enable_cascade_attention=args.cascade_attention == "on",
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)
     freeze_gc()  # as the engine does once it serves

@@ -3,7 +3,7 @@
     python benchmarks/step_timeline.py --model dummy:qwen3-0.6b --num-prompts 256 \
         --input-len 1024 --output-len 1024 --range-ratio 0.09765625 [--out FILE]
     python benchmarks/step_timeline.py --model dummy:llama-3.2-1b --dataset generated-shared-prefix \
-        [--enable-cascade-attention | --disable-radix-cache]   # bar 4's workload (64 x 16, 2048 + 128, 256 out)
+        [--cascade-attention off | --disable-radix-cache]   # bar 4's workload (64 x 16, 2048 + 128, 256 out)
 
 Records each step's kind (extend / decode / decode-cascade), requests, tokens and wall time (with
 overlap, a step's wall time is the device time of the step before it plus any host time not hidden),
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=None)
     ap.add_argument("--disable-overlap-schedule", action="store_true")
     ap.add_argument("--disable-radix-cache", action="store_true")
-    ap.add_argument("--enable-cascade-attention", action="store_true")
+    ap.add_argument("--cascade-attention", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--max-running-requests", type=int, default=None, help="default: the engine's")
     ap.add_argument("--profile-steps", default=None, help="a:b: profile steps a..b-1 (kernels, host time)")
     ap.add_argument(
@@ -58,7 +58,7 @@ def main() -> None:
             model=args.model, dtype=args.dtype, device=args.device, context_length=4096,
             chunked_prefill_size=args.chunked_prefill_size,
             disable_overlap_schedule=args.disable_overlap_schedule, disable_radix_cache=args.disable_radix_cache,
-            enable_cascade_attention=args.enable_cascade_attention, max_running_requests=args.max_running_requests,
+            cascade_attention=args.cascade_attention, max_running_requests=args.max_running_requests,
         )
     )  # fmt: skip
     sched, compiled = launched.scheduler, launched.compiled

@@ -231,8 +231,9 @@ _ENGINE_HELP = {
     "jump_forward": "structured outputs: append text a grammar forces unsampled: on | off | auto (on "
     "unless decode replays CUDA graphs)",
     "enable_mixed_chunk": "decode the running requests in the same step as a prefill chunk (runs eagerly)",
-    "enable_cascade_attention": "decode reads a cached prefix that several running requests share once "
-    "per group rather than once per request, on steps where that saves >= 75%% of the KV reads",
+    "cascade_attention": "decode reads a cached prefix that several running requests share once per "
+    "group rather than once per request, on steps where that saves >= 75%% of the KV reads: on | off | "
+    "auto (on where decode attention is triton on a GPU)",
     "schedule_conservativeness": "scale of the KV reserved at admission for the running requests' output "
     "to come (0: only their next token; more requests at once, more retractions)",
 }

@@ -232,7 +232,7 @@ def test_bar_4s_workload_computes_each_prompt_token_once_and_groups_every_decode
     tokens, decode runs full batches of 256, and with cascade every decode step is grouped."""
     from benchmarks.schedule_replay import parser, replay
 
-    result = replay(parser().parse_args(["--enable-cascade-attention", "--show-steps", "600"]))
+    result = replay(parser().parse_args(["--show-steps", "600"]))
     assert result["prompt_tokens_computed"] == 64 * 2048 + 1024 * 128
     assert result["decode_steps"] == 1020 and result["decode_batch_sizes"][256] >= 1000
     assert result["cascade_steps"] == result["decode_steps"]
@@ -267,7 +267,7 @@ def test_memory_plan_counts_the_graphs_logits():
     assert graph_logits_bytes(gpu, args) == 1024 * 1000 * 2
     assert graph_logits_bytes(gpu, EngineArgs(max_running_requests=1024, cuda_graph_max_bs=8)) == 8 * 2000
     assert graph_logits_bytes(gpu, EngineArgs(max_running_requests=6, cuda_graph_max_bs=8)) == 6 * 2000
-    cascade = EngineArgs(max_running_requests=4, cuda_graph_max_bs=8, enable_cascade_attention=True)
+    cascade = EngineArgs(max_running_requests=4, cuda_graph_max_bs=8, cascade_attention="on")
     assert graph_logits_bytes(gpu, cascade) == 4 * 2000
     assert graph_logits_bytes(gpu, EngineArgs(cuda_graph_max_bs=8, disable_cuda_graph=True)) == 0
     assert graph_logits_bytes(SimpleNamespace(**(vars(gpu) | {"device": torch.device("cpu")})), args) == 0
@@ -287,3 +287,27 @@ def test_running_request_limit_defaults_by_device():
     assert default_max_running_requests(EngineArgs(), cuda, 65536) == TABLE_BUDGET // (8 * 65537) == 511
     assert default_max_running_requests(EngineArgs(), cuda, 131072) == 256
     assert default_max_running_requests(EngineArgs(max_running_requests=7), cuda, 4096) == 7
+
+
+def test_cascade_attention_auto_is_on_for_triton_decode_on_a_gpu():
+    """auto turns cascade on only where it was measured and can run (Triton decode on a GPU); on / off
+    are obeyed; anything else is refused before loading."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sgl_compile.errors import SglcError
+    from sgl_compile.runtime.launch import EngineArgs, cascade_enabled, check_args
+
+    def program(device: str, backend: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            device=torch.device(device), options=SimpleNamespace(decode_attention_backend=backend)
+        )
+
+    assert cascade_enabled(EngineArgs(), program("cuda", "triton"))
+    assert not cascade_enabled(EngineArgs(), program("cuda", "flashinfer"))
+    assert not cascade_enabled(EngineArgs(), program("cpu", "torch"))
+    assert cascade_enabled(EngineArgs(cascade_attention="on"), program("cpu", "torch"))
+    assert not cascade_enabled(EngineArgs(cascade_attention="off"), program("cuda", "triton"))
+    with pytest.raises(SglcError, match="cascade attention"):
+        check_args(EngineArgs(cascade_attention="sometimes"))

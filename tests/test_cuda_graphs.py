@@ -35,7 +35,7 @@ def test_replays_across_buckets_equal_eager(cascade: bool) -> None:
     shared = [rng.randrange(49152) for _ in range(300)] if cascade else []
     prompts = [shared + [rng.randrange(49152) for _ in range(rng.randint(4, 90))] for _ in range(40)]
     lengths = [1 + 2 * i for i in range(40)]  # requests finish one by one: 40, 39, ... running
-    options = {"enable_cascade_attention": cascade, "cuda_graph_max_bs": 64}
+    options = {"cascade_attention": "on" if cascade else "off", "cuda_graph_max_bs": 64}
     graphed, stats = _run(prompts, lengths, **options)
     eager, eager_stats = _run(prompts, lengths, disable_cuda_graph=True, **options)
     assert graphed == eager

@@ -133,7 +133,7 @@ def test_cli_help_of_every_command_formats() -> None:
         return [parser.format_help()] + [h for a in subs for p in a.choices.values() for h in helps(p)]
 
     texts = helps(build_parser())
-    assert len(texts) > 10 and any("--enable-cascade-attention" in t for t in texts)
+    assert len(texts) > 10 and any("--cascade-attention" in t for t in texts)
 
 
 def test_cli_models_lists_aliases_and_cache_state(smollm2_gguf: Path) -> None:

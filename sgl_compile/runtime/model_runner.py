@@ -87,7 +87,7 @@ class ModelRunner:
         self.attention = compiled.attention  # a backend that plans each step (flashinfer), or None
         decode_backend = compiled.options.decode_attention_backend
         if cascade and decode_backend not in ("triton", "torch"):
-            raise SglcError(f"--enable-cascade-attention needs triton decode attention, not {decode_backend}")
+            raise SglcError(f"--cascade-attention on needs triton decode attention, not {decode_backend}")
         self._empty = torch.empty(0, dtype=torch.int64, device=self.device)
         # Room for three steps of draws: one being built, one running, one being read back.
         self.future = torch.zeros(3 * table.table.shape[0] + 1, dtype=torch.int64, device=self.device)

@@ -23,7 +23,7 @@ holds (the other is computing those tokens now) waits, then takes them from the 
 that arrives with its whole group is computed once, not once per member the batch has room for, and
 not again in part where chunking cut it.
 
-Cascade attention (--enable-cascade-attention): decode requests whose KV starts
+Cascade attention (--cascade-attention, on by default on a GPU): decode requests whose KV starts
 with the same cached prefix (a radix-tree node that two of them lock, at least
 CASCADE_MIN_SHARED tokens deep) are put next to each other in the batch and
 named a group, so attention reads that prefix once per group instead of once
