@@ -311,3 +311,5 @@ def test_cascade_attention_auto_is_on_for_triton_decode_on_a_gpu():
     assert not cascade_enabled(EngineArgs(cascade_attention="off"), program("cuda", "triton"))
     with pytest.raises(SglcError, match="cascade attention"):
         check_args(EngineArgs(cascade_attention="sometimes"))
+    with pytest.raises(SglcError, match="cascade attention"):  # Engine(...) does not run check_args
+        cascade_enabled(EngineArgs(cascade_attention=True), program("cuda", "triton"))

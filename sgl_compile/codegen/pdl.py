@@ -42,6 +42,8 @@ def _triton_supports_pdl() -> bool:
 def _device_enabled(index: int) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("SGLC_DISABLE_PDL") == "1":
         return False
+    if torch.version.hip is not None:  # ROCm reports "cuda" devices too, without griddepcontrol
+        return False
     return torch.cuda.get_device_capability(index) >= (9, 0) and _triton_supports_pdl()
 
 

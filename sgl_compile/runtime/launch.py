@@ -168,6 +168,8 @@ def cascade_enabled(args: EngineArgs, compiled: CompiledModel) -> bool:
     its KV reads, so where nothing is shared it costs only the graphs captured beside the plain ones
     (qwen3-0.6b's random workload on the H100: 17.5k / 19.4k tok/s with it, 18.1k-19.2k without). On
     bar 4's shared-prefix workload it reads 60.3k tok/s against 40.6k (docs/benchmarks.md)."""
+    if args.cascade_attention not in SWITCH:  # Engine(...) callers skip check_args
+        raise SglcError(f"unknown cascade attention {args.cascade_attention!r}; valid: {', '.join(SWITCH)}")
     if args.cascade_attention != "auto":
         return args.cascade_attention == "on"
     return compiled.device.type == "cuda" and compiled.options.decode_attention_backend == "triton"
