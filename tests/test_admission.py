@@ -297,7 +297,7 @@ def test_cascade_attention_auto_is_on_for_triton_decode_on_a_gpu():
     import torch
 
     from sgl_compile.errors import SglcError
-    from sgl_compile.runtime.launch import EngineArgs, cascade_enabled, check_args
+    from sgl_compile.runtime.launch import EngineArgs, cascade_enabled, check_args, jump_forward_enabled
 
     def program(device: str, backend: str) -> SimpleNamespace:
         return SimpleNamespace(
@@ -313,3 +313,5 @@ def test_cascade_attention_auto_is_on_for_triton_decode_on_a_gpu():
         check_args(EngineArgs(cascade_attention="sometimes"))
     with pytest.raises(SglcError, match="cascade attention"):  # Engine(...) does not run check_args
         cascade_enabled(EngineArgs(cascade_attention=True), program("cuda", "triton"))
+    with pytest.raises(SglcError, match="jump forward"):  # its twin switch, checked the same way
+        jump_forward_enabled(EngineArgs(jump_forward="ON"), torch.device("cuda"))

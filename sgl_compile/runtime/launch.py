@@ -149,7 +149,12 @@ def default_max_running_requests(args: EngineArgs, device: torch.device, context
 
 
 SWITCH = ("auto", "on", "off")
-JUMP_FORWARD = SWITCH
+
+
+def check_switch(what: str, value: object) -> None:
+    """An auto / on / off option: anything else (True, "ON") is refused, not read as off."""
+    if value not in SWITCH:
+        raise SglcError(f"unknown {what} {value!r}; valid: {', '.join(SWITCH)}")
 
 
 def jump_forward_enabled(args: EngineArgs, device: torch.device) -> bool:
@@ -157,6 +162,7 @@ def jump_forward_enabled(args: EngineArgs, device: torch.device) -> bool:
     extend step, which on a GPU costs several graph-replayed decode steps: on the H200 a 50-request
     JSON workload took 7.5 s with jump-forward against 1.2 s without (docs/benchmarks.md); on the CPU,
     where every step is eager, it saved a third of the time."""
+    check_switch("jump forward", args.jump_forward)  # Engine(...) callers skip check_args
     if args.jump_forward != "auto":
         return args.jump_forward == "on"
     return device.type != "cuda" or args.disable_cuda_graph
@@ -168,8 +174,7 @@ def cascade_enabled(args: EngineArgs, compiled: CompiledModel) -> bool:
     its KV reads, so where nothing is shared it costs only the graphs captured beside the plain ones
     (qwen3-0.6b's random workload on the H100: 17.5k / 19.4k tok/s with it, 18.1k-19.2k without). On
     bar 4's shared-prefix workload it reads 60.3k tok/s against 40.6k (docs/benchmarks.md)."""
-    if args.cascade_attention not in SWITCH:  # Engine(...) callers skip check_args
-        raise SglcError(f"unknown cascade attention {args.cascade_attention!r}; valid: {', '.join(SWITCH)}")
+    check_switch("cascade attention", args.cascade_attention)  # Engine(...) callers skip check_args
     if args.cascade_attention != "auto":
         return args.cascade_attention == "on"
     return compiled.device.type == "cuda" and compiled.options.decode_attention_backend == "triton"
@@ -209,10 +214,8 @@ def load_program(args: EngineArgs) -> CompiledModel:
 
 def check_args(args: EngineArgs) -> None:
     """Refuse bad option values up front (before a scheduler process or any loading starts)."""
-    if args.jump_forward not in JUMP_FORWARD:
-        raise SglcError(f"unknown jump forward {args.jump_forward!r}; valid: {', '.join(JUMP_FORWARD)}")
-    if args.cascade_attention not in SWITCH:
-        raise SglcError(f"unknown cascade attention {args.cascade_attention!r}; valid: {', '.join(SWITCH)}")
+    check_switch("jump forward", args.jump_forward)
+    check_switch("cascade attention", args.cascade_attention)
     if args.compiled:
         from sgl_compile.artifact import read_manifest
 
