@@ -77,7 +77,9 @@ def flashinfer_times(q, kc, vc, qo: list[int], kvp: list[int], kvi, decode: bool
 
 def decode(sweep: bool, flashinfer: bool = False) -> list[str]:
     rows = []
-    for b, ctx in [(1, 1024), (1, 8192), (8, 2048), (32, 1024), (32, 4096), (128, 2048)]:
+    # (batch-1 contexts of bar 1's run, 33-288 keys, first: there the kernel's latency is the cost)
+    shapes = [(1, 64), (1, 160), (1, 300), (1, 1024), (1, 4096), (1, 8192), (8, 2048), (32, 1024), (32, 4096)]
+    for b, ctx in [*shapes, (128, 2048)]:
         kc, vc = pool(b * ctx + 16)
         kv_indices = torch.randperm(b * ctx, device=DEV)
         kv_indptr = torch.arange(b + 1, device=DEV) * ctx
@@ -90,6 +92,8 @@ def decode(sweep: bool, flashinfer: bool = False) -> list[str]:
         heur = A.decode_attention_heuristic(b, HKV, D, DT)()
         t = seconds(lambda h=heur: run(h))
         row = f"decode B={b:4d} ctx={ctx:5d} {t * 1e6:8.1f} us {nbytes / t / 1e9:6.0f} GB/s ({heur})"
+        if heur["num_splits"] > 1:  # the same splits without a floor on keys per split
+            row += f" | min_chunk 0: {seconds(lambda h=heur: run({**h, 'min_chunk': 0})) * 1e6:6.1f} us"
         if sweep:
             splits = sorted({1, 4, 16, heur["num_splits"]})
             space = [{"BLOCK_N": bn, "num_splits": s, "num_warps": w, "num_stages": st}

@@ -6,11 +6,14 @@ through `kv_indices`. Two kernels, chosen by shape alone (no host sync, CUDA-gra
 - decode (one query per request): memory-bound, so each program owns one (request, KV head,
   split) and processes all query heads of that KV head together, padded to >= 16 rows for
   `tl.dot`; each K/V tile is read once per group. Split-K over the request's keys fills the
-  GPU at small batch; a second kernel merges the splits' partial outputs by log-sum-exp.
+  GPU at small batch; the last split of a (request, KV head) to finish merges the partial
+  outputs by log-sum-exp, and a range short enough for one split is written directly, so a
+  decode step's attention is one kernel (a separate merge kernel would add its launch and ramp,
+  ~2.6 us a layer at batch 1 on the H100).
 - cascade decode (groups of requests sharing a prefix, named by the runtime): a third kernel
   reads each group's shared keys once for all its members' queries (MEMBERS requests x the
   GROUP query heads of one KV head per program, as rows of one `tl.dot`) and writes partials
-  next to the decode kernel's, which then covers only each request's own keys; the merge
+  next to the decode kernel's, which then covers only each request's own keys; a merge kernel
   combines both. The shared keys' reads drop from one per request to one per MEMBERS requests.
 - extend (prefill over a cached prefix): flash-attention online softmax over BLOCK_M query
   rows x BLOCK_N key tiles; key tiles below the tile's causal frontier run without masks. The
@@ -37,6 +40,9 @@ from sgl_compile.codegen.rope import store_kv
 
 Config = dict[str, int]
 _LOG2E = 1.4426950408889634
+# Fewest keys a decode split takes (a config's "min_chunk" overrides): at batch 1 a 32-300-token
+# context then runs in one program per KV head, written directly, instead of 2-3 splits and a merge.
+MIN_CHUNK = 256
 
 # Candidates for a GPU tuner, per kernel (the heuristics below pick among the same knobs). Some
 # do not fit shared memory at wide head_dim / fp32 (Triton raises OutOfResources): skip those.
@@ -167,6 +173,14 @@ def _online_softmax_tile(
 
 
 @triton.jit
+def _split_chunk(length, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr):
+    """Keys per split: whole BLOCK_N tiles (only the range's last tile is partial), at least MIN_CHUNK
+    (short ranges stay in fewer splits: one program reading a few tiles beats a merge of many)."""
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return tl.where(length > 0, tl.maximum(chunk, MIN_CHUNK), 0)
+
+
+@triton.jit
 def _attend_split(
     q,
     K,
@@ -188,14 +202,14 @@ def _attend_split(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MIN_CHUNK: tl.constexpr = 0,
 ):
     """q [ROWS, BLOCK_D] over split `split` of the keys first:end of kv_indices[kv_start:] (one KV head):
     the split's normalized output, its log2-sum-exp (-inf when empty) and whether it holds any key."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    # Chunks are whole BLOCK_N tiles so only the range's last tile is partial.
-    chunk = tl.cdiv(tl.cdiv(end - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N, MIN_CHUNK)
     lo = first + split * chunk
     hi = tl.minimum(lo + chunk, end)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -228,6 +242,7 @@ def _decode_split_kernel(
     KvIndptr,
     KvIndices,
     SharedLen,
+    Counters,
     sm_scale_log2,
     stride_qb,
     stride_qh,
@@ -248,9 +263,12 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SKIP_SHARED: tl.constexpr,  # cascade: keys below SharedLen[b] are the shared-prefix kernel's
-    STORE_OUT: tl.constexpr,  # a single split and no other partials: write the output directly
+    FUSED_MERGE: tl.constexpr,  # no other partials: the splits merge themselves (else the merge kernel)
+    MIN_CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.wait_for_producers(PDL)
@@ -268,20 +286,50 @@ def _decode_split_kernel(
     first = 0
     if SKIP_SHARED:
         first = tl.load(SharedLen + b).to(tl.int32)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0).to(
-        K.dtype.element_ty
-    )
-    o, lse, any_keys = _attend_split(
-        q, K, V, KvIndices, kv_start, kvh, first, kv_len, split, sm_scale_log2,
-        stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D, DOT_PRECISION,
-    )  # fmt: skip
-    if STORE_OUT:
-        tl.store(
-            Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-            o.to(Out.dtype.element_ty),
-            mask=out_mask,
-        )
+    if FUSED_MERGE:
+        # Splits holding keys: one writes the output itself; several write partials, and the last of
+        # them to finish (an arrival counter per request and KV head) merges them, so no merge kernel
+        # runs. The others exit at once.
+        active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N, MIN_CHUNK), 1))
+        if split < tl.maximum(active, 1):
+            q = tl.load(
+                Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
+            ).to(K.dtype.element_ty)
+            o, lse, _ = _attend_split(
+                q, K, V, KvIndices, kv_start, kvh, 0, kv_len, split, sm_scale_log2,
+                stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
+                DOT_PRECISION, MIN_CHUNK,
+            )  # fmt: skip
+            if active <= 1:
+                tl.store(
+                    Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                    o.to(Out.dtype.element_ty),
+                    mask=out_mask,
+                )
+            else:
+                tl.store(
+                    MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+                    o,
+                    mask=out_mask,
+                )
+                tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+                tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+                counter = Counters + b * tl.num_programs(1) + kvh
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
+                    tl.store(counter, 0)  # the next launch (stream-ordered after this one) counts from 0
+                    _merge_group(
+                        MidO, MidLse, Out, b, kvh, active, stride_mb, stride_mh, stride_ms, stride_lb,
+                        stride_lh, stride_ob, stride_oh, GROUP, HEAD_DIM, BLOCK_G, BLOCK_S, BLOCK_D,
+                    )  # fmt: skip
     else:
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
+        ).to(K.dtype.element_ty)
+        o, lse, any_keys = _attend_split(
+            q, K, V, KvIndices, kv_start, kvh, first, kv_len, split, sm_scale_log2,
+            stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
+            DOT_PRECISION,
+        )  # fmt: skip
         # Empty splits store only lse; the merge masks out their (unwritten) partials.
         if any_keys:
             tl.store(
@@ -290,6 +338,59 @@ def _decode_split_kernel(
                 mask=out_mask,
             )
         tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _merge_group(
+    MidO,
+    MidLse,
+    Out,
+    b,
+    kvh,
+    active,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Out[b, the GROUP heads of kvh] from the first `active` splits' partials (all non-empty), weighted
+    by their log2-sum-exp. All partials load at once ([GROUP, splits, D]: one memory round trip); .cg
+    reads them from L2, where the other programs' writes are."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + offs_g
+    gs_mask = (offs_g < GROUP)[:, None] & (offs_s < active)[None, :]
+    lse = tl.load(
+        MidLse + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :],
+        mask=gs_mask,
+        other=float("-inf"),
+        cache_modifier=".cg",
+    )
+    m = tl.max(lse, 1)
+    w = tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0)[:, None])  # masked splits: 0
+    o = tl.load(
+        MidO + b * stride_mb + heads[:, None, None] * stride_mh + offs_s[None, :, None] * stride_ms
+        + offs_d[None, None, :],
+        mask=gs_mask[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )  # fmt: skip
+    denom = tl.sum(w, 1)
+    out = tl.sum(w[:, :, None] * o, 1) / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(
+        Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
 
 
 @triton.jit
@@ -379,6 +480,7 @@ def decode_attention(
     mid_o = torch.empty((batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((batch, num_q_heads, parts), dtype=torch.float32, device=q.device)
     shared_len = shared_len if cascade else kv_indptr  # (unread without cascade)
+    counters = _arrival_counters(q.device, batch * num_kv_heads) if splits > 1 and not cascade else kv_indptr
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q,
         k,
@@ -389,6 +491,7 @@ def decode_attention(
         kv_indptr,
         kv_indices,
         shared_len,
+        counters,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -409,9 +512,12 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config["BLOCK_N"],
         BLOCK_D=block_d,
+        BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_S=triton.next_power_of_2(splits),
         DOT_PRECISION=_dot_precision(k.dtype),
         SKIP_SHARED=cascade,
-        STORE_OUT=splits == 1 and not cascade,
+        FUSED_MERGE=not cascade,
+        MIN_CHUNK=config.get("min_chunk", MIN_CHUNK),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **pdl.launch_kwargs(q.device),
@@ -419,9 +525,29 @@ def decode_attention(
     if cascade:
         _shared_prefix(q, k, v, mid_o, mid_lse, kv_indptr, kv_indices, cascade_indptr, shared_len, scale,
                        splits, shared_config)  # fmt: skip
-    if mid_o.shape[2] > 1 or cascade:
         _merge(mid_o, mid_lse, out)
     return out
+
+
+# Per (request, KV head): how many of its splits have written their partials. Zero between launches
+# (the merging program resets its own), so one buffer per device serves every layer and step; it is
+# created by an eager call (the runtime runs each batch size eagerly before capturing its graph), and
+# a grown-out buffer is kept alive for the graphs that captured it.
+_COUNTERS: dict[torch.device, Tensor] = {}
+_RETIRED_COUNTERS: list[Tensor] = []
+
+
+def _arrival_counters(device: torch.device, n: int) -> Tensor:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention: run this batch size eagerly before capturing it in a graph")
+        if buf is not None:
+            _RETIRED_COUNTERS.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf
 
 
 def _merge(mid_o: Tensor, mid_lse: Tensor, out: Tensor) -> None:
