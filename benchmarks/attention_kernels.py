@@ -92,8 +92,6 @@ def decode(sweep: bool, flashinfer: bool = False) -> list[str]:
         heur = A.decode_attention_heuristic(b, HKV, D, DT)()
         t = seconds(lambda h=heur: run(h))
         row = f"decode B={b:4d} ctx={ctx:5d} {t * 1e6:8.1f} us {nbytes / t / 1e9:6.0f} GB/s ({heur})"
-        if heur["num_splits"] > 1:  # the same splits without a floor on keys per split
-            row += f" | min_chunk 0: {seconds(lambda h=heur: run({**h, 'min_chunk': 0})) * 1e6:6.1f} us"
         if sweep:
             splits = sorted({1, 4, 16, heur["num_splits"]})
             space = [{"BLOCK_N": bn, "num_splits": s, "num_warps": w, "num_stages": st}

@@ -153,10 +153,9 @@ def test_extend_matches_reference(
     store_new=st.booleans(),
     num_splits=st.sampled_from([1, 2, 3, 4, 8]),
     block_n=st.sampled_from([16, 32]),
-    min_chunk=st.sampled_from([0, 32, attention.MIN_CHUNK]),
 )
 def test_decode_matches_reference(
-    seed, prefix_lens, empty_requests, heads, head_dim, dtype, store_new, num_splits, block_n, min_chunk
+    seed, prefix_lens, empty_requests, heads, head_dim, dtype, store_new, num_splits, block_n
 ):
     new_lens = [1] * len(prefix_lens)
     batch = _batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, empty_requests=empty_requests)
@@ -165,7 +164,6 @@ def test_decode_matches_reference(
         "num_splits": num_splits,
         "num_warps": 4,
         "num_stages": 1,
-        "min_chunk": min_chunk,
     }
     _check(batch, config, store_new)
 
@@ -174,16 +172,15 @@ def test_decode_splits_merge_in_kernel_and_reset_their_counters():
     """Several splits per request merge themselves (the last to arrive); each merging program zeroes
     its arrival counter, so a second launch (as the next layer's, or a graph replay) merges again."""
     batch = _batch(3, [200, 90, 0], [1, 1, 1], 2, 4, 32, torch.float32, empty_requests=1)
-    config = {"BLOCK_N": 16, "num_splits": 8, "num_warps": 4, "num_stages": 1, "min_chunk": 16}
+    config = {"BLOCK_N": 16, "num_splits": 8, "num_warps": 4, "num_stages": 1}
     for _ in range(2):
         _check(batch, config, store_new=False)
         counters = attention._COUNTERS[batch["q"].device]
         assert not counters.any()
-    # (the batch covers both paths: 201 keys in chunks of 32 and 91 in chunks of 16 are 7 and 6 active
-    # splits, merged in-kernel; the padding request, with no keys, is written directly by split 0)
-    length = torch.tensor([201, 91, 0])
-    chunk = torch.clamp(-(-(-(-length // 8)) // 16) * 16, min=16)
-    assert (-(-length // chunk)).tolist() == [7, 6, 0]
+    # The batch covers both paths: 201 keys in chunks of 32 and 91 in chunks of 16 are 7 and 6 active
+    # splits, merged in-kernel; the padding request, with no keys, is written directly by split 0.
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    assert [cdiv(n, cdiv(cdiv(n, 8), 16) * 16) for n in (201, 91)] == [7, 6]
 
 
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "num_splits": 7, "num_warps": 4, "num_stages": 2}])

@@ -7,7 +7,7 @@ through `kv_indices`. Two kernels, chosen by shape alone (no host sync, CUDA-gra
   split) and processes all query heads of that KV head together, padded to >= 16 rows for
   `tl.dot`; each K/V tile is read once per group. Split-K over the request's keys fills the
   GPU at small batch; the last split of a (request, KV head) to finish merges the partial
-  outputs by log-sum-exp, and a range short enough for one split is written directly, so a
+  outputs by log-sum-exp (a range short enough for one split is written directly), so a
   decode step's attention is one kernel (a separate merge kernel would add its launch and ramp,
   ~2.6 us a layer at batch 1 on the H100).
 - cascade decode (groups of requests sharing a prefix, named by the runtime): a third kernel
@@ -40,9 +40,6 @@ from sgl_compile.codegen.rope import store_kv
 
 Config = dict[str, int]
 _LOG2E = 1.4426950408889634
-# Fewest keys a decode split takes (a config's "min_chunk" overrides): at batch 1 a 32-300-token
-# context then runs in one program per KV head, written directly, instead of 2-3 splits and a merge.
-MIN_CHUNK = 256
 
 # Candidates for a GPU tuner, per kernel (the heuristics below pick among the same knobs). Some
 # do not fit shared memory at wide head_dim / fp32 (Triton raises OutOfResources): skip those.
@@ -173,11 +170,9 @@ def _online_softmax_tile(
 
 
 @triton.jit
-def _split_chunk(length, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr):
-    """Keys per split: whole BLOCK_N tiles (only the range's last tile is partial), at least MIN_CHUNK
-    (short ranges stay in fewer splits: one program reading a few tiles beats a merge of many)."""
-    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    return tl.where(length > 0, tl.maximum(chunk, MIN_CHUNK), 0)
+def _split_chunk(length, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split: whole BLOCK_N tiles, so only the range's last tile is partial."""
+    return tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -202,14 +197,13 @@ def _attend_split(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    MIN_CHUNK: tl.constexpr = 0,
 ):
     """q [ROWS, BLOCK_D] over split `split` of the keys first:end of kv_indices[kv_start:] (one KV head):
     the split's normalized output, its log2-sum-exp (-inf when empty) and whether it holds any key."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N, MIN_CHUNK)
+    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
     lo = first + split * chunk
     hi = tl.minimum(lo + chunk, end)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -268,7 +262,6 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     SKIP_SHARED: tl.constexpr,  # cascade: keys below SharedLen[b] are the shared-prefix kernel's
     FUSED_MERGE: tl.constexpr,  # no other partials: the splits merge themselves (else the merge kernel)
-    MIN_CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl.wait_for_producers(PDL)
@@ -290,7 +283,7 @@ def _decode_split_kernel(
         # Splits holding keys: one writes the output itself; several write partials, and the last of
         # them to finish (an arrival counter per request and KV head) merges them, so no merge kernel
         # runs. The others exit at once.
-        active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N, MIN_CHUNK), 1))
+        active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N), 1))
         if split < tl.maximum(active, 1):
             q = tl.load(
                 Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
@@ -298,7 +291,7 @@ def _decode_split_kernel(
             o, lse, _ = _attend_split(
                 q, K, V, KvIndices, kv_start, kvh, 0, kv_len, split, sm_scale_log2,
                 stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
-                DOT_PRECISION, MIN_CHUNK,
+                DOT_PRECISION,
             )  # fmt: skip
             if active <= 1:
                 tl.store(
@@ -517,7 +510,6 @@ def decode_attention(
         DOT_PRECISION=_dot_precision(k.dtype),
         SKIP_SHARED=cascade,
         FUSED_MERGE=not cascade,
-        MIN_CHUNK=config.get("min_chunk", MIN_CHUNK),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **pdl.launch_kwargs(q.device),
