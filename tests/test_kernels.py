@@ -226,6 +226,66 @@ def test_rope_store_kv(seed, tokens, pad, heads, head_dim, dtype, layer, config)
     torch.testing.assert_close(k_cache.cpu()[other], ref_k[other], rtol=0, atol=0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    tokens=st.integers(1, 9),
+    pad=st.integers(0, 3),
+    heads=heads,
+    head_dim=st.sampled_from([24, 64, 128]),
+    dtype=dtypes,
+    layer=st.integers(0, LAYERS - 1),
+    config=rope_configs,
+)
+def test_rope_store_kv_with_qk_norm(seed, tokens, pad, heads, head_dim, dtype, layer, config):
+    """HAS_NORM: each q / k head RMS-normalised (Qwen3) before the rotation, read from the strided
+    views of the QKV projection as in the real graph."""
+    g = _gen(seed)
+    pad, num_slots = min(pad, tokens), tokens + 5
+    q, k, v = _qkv(g, tokens, heads[0], heads[1], head_dim, dtype)
+    q, k = q * 3, k * 0.5  # rows far from unit RMS, so a missing or wrong norm shows
+    weights = [(torch.rand(head_dim, generator=g) + 0.5).to(dtype).to(DEVICE) for _ in range(2)]
+    positions, cos_sin = torch.randint(0, 32, (tokens,), generator=g).to(DEVICE), _cos_sin(g, 32, head_dim)
+    k_cache, v_cache = _caches(g, num_slots, heads[0], head_dim, dtype)
+    slots = _slots(g, tokens, pad, num_slots)
+    ref_k, ref_v = k_cache.cpu(), v_cache.cpu()
+    ref_q = ops.rope_store_kv(
+        q.cpu(), k.cpu(), v.cpu(), positions.cpu(), cos_sin.cpu(), ref_k, ref_v, layer, slots.cpu(),
+        *(w.cpu() for w in weights), 1e-6,
+    )  # fmt: skip
+    q_rot = rope.rope_store_kv(
+        q, k, v, positions, cos_sin, k_cache, v_cache, layer, slots, *weights, 1e-6, config=config
+    )
+    # 16-bit: a few-ulp fp32 difference in rstd may flip the rounded normed value, then its product
+    # with the weight, by an ulp each; the rotation mixes two such values, so up to ~4 ulp of the
+    # pair's magnitude (plus its own rounding) lands on outputs that may cancel to near zero.
+    tol = dict(rtol=TOL[dtype]["rtol"], atol=10 * UNIT_ROUNDOFF[dtype] * ref_q.abs().max().item())
+    torch.testing.assert_close(q_rot.cpu(), ref_q, **tol)
+    torch.testing.assert_close(k_cache.cpu(), ref_k, **tol)
+    torch.testing.assert_close(v_cache.cpu(), ref_v, rtol=0, atol=0)
+    written = torch.zeros(num_slots, dtype=torch.bool)
+    written[slots[slots >= 0].cpu()] = True
+    other = torch.ones(LAYERS, num_slots, dtype=torch.bool)
+    other[layer] = ~written
+    torch.testing.assert_close(k_cache.cpu()[other], ref_k[other], rtol=0, atol=0)
+
+
+def test_rope_store_kv_norm_weights_come_in_pairs():
+    q, k, v = _qkv(_gen(0), 2, 1, 1, 8, torch.float32)
+    k_cache, v_cache = _caches(_gen(1), 4, 1, 8, torch.float32)
+    args = (
+        q,
+        k,
+        v,
+        torch.zeros(2, dtype=torch.long, device=DEVICE),
+        _cos_sin(_gen(2), 4, 8),
+        k_cache,
+        v_cache,
+    )
+    with pytest.raises(ValueError, match="both"):
+        rope.rope_store_kv(*args, 0, torch.arange(2, device=DEVICE), torch.ones(8, device=DEVICE))
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_fp8_per_token
 # ---------------------------------------------------------------------------------------------

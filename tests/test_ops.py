@@ -177,6 +177,29 @@ def test_rope_store_kv_is_rope_then_the_cache_write() -> None:
     assert caches[0][0].abs().sum() == 0 and caches[0][1, 9].equal(want_k[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_kv_with_norm_weights_is_the_norms_then_rope_store_kv(dtype: torch.dtype) -> None:
+    """Bit for bit: the fused program must compute what the unfused one (rms_norm on q and k) did."""
+    qkv = _randn(0, 5, 8 * 8).to(dtype)
+    q, k, v = (t.view(5, -1, 8) for t in qkv.split([32, 16, 16], dim=-1))  # strided, as the model's
+    qw, kw = (_randn(s, 8).to(dtype) for s in (1, 2))
+    positions, slots = torch.tensor([3, 0, 7, 1, 2]), torch.tensor([9, -1, 4, 0, 6])
+    cos_sin = _randn(3, 16, 8)
+    caches = [torch.zeros(2, 12, 2, 8, dtype=dtype) for _ in range(4)]
+    args = (q, k, v, positions, cos_sin, caches[0], caches[1], 1, slots)
+    q_rot = ir.rope_store_kv(*args, qw, kw, 1e-6)
+    normed = (ir.rms_norm(q, qw, 1e-6), ir.rms_norm(k, kw, 1e-6))
+    want_q = ir.rope_store_kv(*normed, v, positions, cos_sin, caches[2], caches[3], 1, slots)
+    assert (
+        torch.equal(q_rot, want_q) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    )
+    torch.library.opcheck(
+        ir.rope_store_kv, (*args, qw, kw, 1e-6), test_utils=("test_schema", "test_faketensor")
+    )
+    with pytest.raises(ValueError, match="both"):
+        ir.rope_store_kv(*args, qw, None, 1e-6)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_quantized_weights_round_trip_within_one_step(fmt: str) -> None:
     """Dequantized weights are within half a quantization step of the originals (fp8: 1/16 relative)."""

@@ -127,3 +127,89 @@ def test_cli_print_ir_shows_each_pass(smollm2_gguf) -> None:
     assert final.count("= sglc.rope_store_kv(") == 30 and "= sglc.rope(" not in final
     assert "= sglc.fused_add_rms_norm(" not in final and "= sglc.silu_and_mul(" not in final
     assert final.count("qkv_proj_weight, None, 'none')") == 30 and "fused_add_rms_norm=59" in r.stdout
+
+
+def _prefill(gm: fx.GraphModule, m: LoadedModel, batch: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Every position's logits for `batch` (several sequences), then the KV pool the program wrote."""
+    c = m.config
+    dtype = next(m.model.parameters()).dtype
+    available = prefill_inputs(batch, (c.num_layers, c.num_kv_heads, c.head_dim), dtype, "cpu", True)
+    with torch.no_grad():
+        logits = gm(**{name: available[name] for name in input_names(gm)})
+    return logits, available["k_cache"], available["v_cache"]
+
+
+def _rope_store_kv_inputs(gm: fx.GraphModule) -> list[str]:
+    """The ops feeding q and k of every rope_store_kv, and how many arguments it has."""
+    return [
+        f"{a.target} {b.target} {len(n.args)}"
+        for n in gm.graph.nodes
+        if n.target is torch.ops.sglc.rope_store_kv.default
+        for a, b in [n.args[:2]]
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qk_norm_fuses_into_rope_store_kv_without_moving_the_logits(dtype: str) -> None:
+    """Qwen3's q/k norms go into rope_store_kv on every layer, and the program computes exactly what the
+    unfused one does (the op's reference is the norms composed with it): logits and the KV pool."""
+    m = load_model("dummy:qwen3-0.6b", dtype)
+    without = [p for p in DEFAULT_PASSES if p[0] != "fuse_qk_norm_rope"]
+    assert len(without) == len(DEFAULT_PASSES) - 1
+    unfused, fused = capture(m.model, 4096), capture(m.model, 4096)
+    run_passes(unfused, without)
+    counts = _counts(run_passes(fused, DEFAULT_PASSES))
+    assert counts["qk_norm_fused"] == m.config.num_layers
+    view = str(torch.ops.aten.view.default)
+    assert _rope_store_kv_inputs(fused) == [f"{view} {view} 12"] * m.config.num_layers
+    norm = str(torch.ops.sglc.rms_norm.default)
+    assert _rope_store_kv_inputs(unfused) == [f"{norm} {norm} 9"] * m.config.num_layers
+    assert not any(n.target is torch.ops.sglc.rms_norm.default for n in fused.graph.nodes)
+    gen = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, 258, (n,), generator=gen).tolist() for n in (1, 7, 20)]
+    for got, want in zip(_prefill(fused, m, batch), _prefill(unfused, m, batch), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_qk_norm_fusion_leaves_llama_alone() -> None:
+    """No q/k norm in Llama: the pass reports nothing and changes nothing."""
+    from sgl_compile.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
+
+    m = load_model("dummy:smollm2-135m", "float32")
+    gm = capture(m.model, 4096)
+    run_passes(gm, [p for p in DEFAULT_PASSES if p[0] != "fuse_qk_norm_rope"])
+    before = str(gm.graph)
+    assert fuse_qk_norm_rope(gm) == {} and str(gm.graph) == before
+
+
+def test_int4_calibration_runs_the_fused_qk_norm() -> None:
+    """GPTQ calibration runs the program after the q/k norms were fused into rope_store_kv (quantization
+    comes later in the pipeline): every projection after the first attention is calibrated on its
+    output, so the quantized weights match the unfused program's only if the fused op normalises q and
+    the keys it stores."""
+    from sgl_compile.models import model_class
+    from sgl_compile.models.config import ModelConfig
+    from sgl_compile.passes import pipeline
+    from sgl_compile.tokenizer import byte_tokenizer
+
+    cfg = ModelConfig("qwen3", 260, 128, 256, 2, 4, 2, 32, 1e-6, 10000.0, 2048, False, qk_norm=True)
+    torch.manual_seed(0)
+    model = model_class(cfg)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)  # norm weights around 1, the rest around 0
+    tokenizer = byte_tokenizer(cfg.vocab_size)
+    passes = pipeline("int4", tokenizer)
+    assert [p[0] for p in passes].index("fuse_qk_norm_rope") < [p[0] for p in passes].index("quantize_int4")
+    programs = []
+    for chosen, fused_layers in (
+        (passes, cfg.num_layers),
+        ([p for p in passes if p[0] != "fuse_qk_norm_rope"], 0),
+    ):
+        gm = capture(model, cfg.max_position_embeddings)
+        counts = _counts(run_passes(gm, chosen))
+        assert counts["linear_int4"] == 4 * cfg.num_layers and counts.get("qk_norm_fused", 0) == fused_layers
+        programs.append(dict(gm.named_buffers()))
+    fused, unfused = programs
+    assert fused.keys() == unfused.keys() and any(k.endswith("qweight") for k in fused)
+    assert all(torch.equal(fused[k], unfused[k]) for k in fused)

@@ -149,17 +149,34 @@ def store_kv(
 
 # ---------------------------------------------------------------------------------------------
 # rope / rope_store_kv: programs [0, q_blocks) rotate q heads, the rest rotate k heads (and, when
-# storing, copy v heads), all reading the token's cos / sin row once.
+# storing, copy v heads), all reading the token's cos / sin row once. With HAS_NORM (rope_store_kv
+# only) each q / k head row is first RMS-normalised with its [D] weight (Qwen3's q/k norm).
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _rotate(Src, t, stride_t, stride_h, offs_h, offs_d, mask, cos, sin, half):
-    """Rotated halves (in Src's dtype) of the [BLOCK_H, D/2] pairs of token t."""
+def _normed(x, w, rstd, out_ty):
+    """`sglc::rms_norm`'s rounding (as `norm._scaled_tile`): the normalised row rounded to the input
+    dtype, times the weight rounded again (the fp32 product of 16-bit floats is exact), back in fp32."""
+    return ((x * rstd).to(out_ty).to(tl.float32) * w).to(out_ty).to(tl.float32)
+
+
+@triton.jit
+def _rotate(Src, W, t, stride_t, stride_h, offs_h, offs_d, mask, cos, sin, half, eps, HAS_NORM: tl.constexpr):
+    """Rotated halves (in Src's dtype) of the [BLOCK_H, D/2] pairs of token t, each head row first
+    RMS-normalised with weight W [D] when HAS_NORM."""
     ptr = Src + t * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
-    x1 = tl.load(ptr, mask=mask).to(tl.float32)
-    x2 = tl.load(ptr + half, mask=mask).to(tl.float32)
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + half, mask=mask, other=0.0).to(tl.float32)
     out_ty = Src.dtype.element_ty
+    if HAS_NORM:
+        # The row's sum of squares spans both halves; masked lanes load 0 and add nothing.
+        mean_sq = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half)
+        rstd = tl.math.rsqrt(mean_sq + eps)[:, None]
+        mask_d = offs_d < half
+        w1 = tl.load(W + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(W + half + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        x1, x2 = _normed(x1, w1, rstd, out_ty), _normed(x2, w2, rstd, out_ty)
     return (x1 * cos - x2 * sin).to(out_ty), (x2 * cos + x1 * sin).to(out_ty)
 
 
@@ -175,9 +192,12 @@ def _rope_kernel(
     KC,
     VC,
     Slots,
+    QW,
+    KW,
     num_q_heads,
     num_kv_heads,
     half,
+    eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -194,6 +214,7 @@ def _rope_kernel(
     stride_vcs,
     stride_vch,
     STORE_CACHE: tl.constexpr,
+    HAS_NORM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     PDL: tl.constexpr,
@@ -210,14 +231,14 @@ def _rope_kernel(
     if hb < q_blocks:
         offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = (offs_h[:, None] < num_q_heads) & mask_d[None, :]
-        o1, o2 = _rotate(Q, t, stride_qt, stride_qh, offs_h, offs_d, mask, cos, sin, half)
+        o1, o2 = _rotate(Q, QW, t, stride_qt, stride_qh, offs_h, offs_d, mask, cos, sin, half, eps, HAS_NORM)
         out = QOut + t * stride_qot + offs_h[:, None] * stride_qoh + offs_d[None, :]
         tl.store(out, o1, mask=mask)
         tl.store(out + half, o2, mask=mask)
     else:
         offs_h = (hb - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = (offs_h[:, None] < num_kv_heads) & mask_d[None, :]
-        o1, o2 = _rotate(K, t, stride_kt, stride_kh, offs_h, offs_d, mask, cos, sin, half)
+        o1, o2 = _rotate(K, KW, t, stride_kt, stride_kh, offs_h, offs_d, mask, cos, sin, half, eps, HAS_NORM)
         if STORE_CACHE:
             slot = tl.load(Slots + t).to(tl.int64)
             heads = tl.where(slot >= 0, num_kv_heads, 0)  # padding rows write nothing
@@ -247,10 +268,20 @@ def _launch_rope(
     v_cache: Tensor | None,
     slot_mapping: Tensor | None,
     config: Config | None,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> Tensor:
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, half = k.shape[1], head_dim // 2
     assert head_dim % 2 == 0 and cos_sin_cache.shape[-1] == head_dim
+    has_norm = q_norm_weight is not None
+    if (k_norm_weight is not None) != has_norm:
+        raise ValueError("rope_store_kv: give both q_norm_weight and k_norm_weight, or neither")
+    if has_norm:
+        for x, w in ((q, q_norm_weight), (k, k_norm_weight)):
+            assert w.shape == (head_dim,) and w.dtype == x.dtype, "norm weight must be [D] in q/k's dtype"
+        q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
     block_half = triton.next_power_of_2(half)
     if config is None:
         config = autotune.get_config(
@@ -271,6 +302,7 @@ def _launch_rope(
     block_h = _block_h(config, max(num_q_heads, num_kv_heads))
     grid = (num_tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
     ko = k_out if k_out is not None else q_out
+    qw, kw = (q_norm_weight, k_norm_weight) if has_norm else (q, k)  # never read without HAS_NORM
     _rope_kernel[grid](
         q,
         k,
@@ -282,9 +314,12 @@ def _launch_rope(
         kc,
         vc,
         slot_mapping,
+        qw,
+        kw,
         num_q_heads,
         num_kv_heads,
         half,
+        norm_eps,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -301,6 +336,7 @@ def _launch_rope(
         vc.stride(0),
         vc.stride(1),
         STORE_CACHE=store,
+        HAS_NORM=has_norm,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=config["num_warps"],
@@ -328,16 +364,21 @@ def rope_store_kv(
     v_cache: Tensor,
     layer: int,
     slot_mapping: Tensor,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    norm_eps: float = 0.0,
     config: Config | None = None,
 ) -> Tensor:
     """`sglc::rope_store_kv`: rotated q; rotated k and v go to the pool at `slot_mapping` (< 0 skipped).
 
+    With norm weights ([D], q/k's dtype) each q / k head is RMS-normalised before the rotation.
     k is rounded to its own dtype before the cast to the cache dtype, as the reference does.
     """
     kc, vc = k_cache[layer], v_cache[layer]
     return _launch_rope(
-        "rope_store_kv", q, k, v, positions, cos_sin_cache, None, kc, vc, slot_mapping, config
-    )
+        "rope_store_kv", q, k, v, positions, cos_sin_cache, None, kc, vc, slot_mapping, config,
+        q_norm_weight, k_norm_weight, norm_eps,
+    )  # fmt: skip
 
 
 rope_store_kv_key = rope_key

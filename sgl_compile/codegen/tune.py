@@ -94,7 +94,7 @@ def model_cases(
         yield TuneCase(
             "rope_store_kv", rope.rope_key(q, k),
             lambda c, q=q, k=k, v=v, p=positions, kc=caches[0], vc=caches[1], s=slots: rope.rope_store_kv(
-                q, k, v, p, cos_sin, kc, vc, 0, s, c),
+                q, k, v, p, cos_sin, kc, vc, 0, s, config=c),
             rope.CONFIG_SPACE["rope_store_kv"],
         )  # fmt: skip
         if quantization:

@@ -170,19 +170,30 @@ def rope_store_kv(
     v_cache: Tensor,
     layer: int,
     slot_mapping: Tensor,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> Tensor:
     """`rope` of q and k, with rotated k and v written straight into the KV pool; returns rotated q.
 
     The write is `paged_attention`'s (same slots, negative = padding), so the attention that
-    follows is called with k = v = None. One pass over q/k/v instead of three.
+    follows is called with k = v = None. One pass over q/k/v instead of three. With norm weights
+    (both or neither), q and k are first `rms_norm`ed per head (Qwen3's q/k norm, [D] weights).
     """
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("rope_store_kv: give both q_norm_weight and k_norm_weight, or neither")
+    if q_norm_weight is not None:
+        q, k = rms_norm(q, q_norm_weight, norm_eps), rms_norm(k, k_norm_weight, norm_eps)
     q_rot, k_rot = rope(q, k, positions, cos_sin_cache)
     store_kv(k_rot, v, k_cache, v_cache, layer, slot_mapping)
     return q_rot
 
 
 @rope_store_kv.register_fake
-def _(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping) -> Tensor:
+def _(
+    q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping,
+    q_norm_weight=None, k_norm_weight=None, norm_eps=0.0,
+) -> Tensor:  # fmt: skip
     return torch.empty_like(q)
 
 
