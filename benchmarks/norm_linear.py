@@ -1,6 +1,7 @@
 """The fused norm + GEMV kernel against the unfused kernels it replaces, at decode's few rows.
 
-    python benchmarks/norm_linear.py [--models llama-3.2-1b,llama-3.1-8b] [--rows 1,8,16] [--sweep] [--out F]
+    python benchmarks/norm_linear.py [--models llama-3.2-1b,llama-3.1-8b] [--rows 1,8,16] [--sweep [--narrow]]
+        [--out F]
 
 Per model shape: the residual add + norm + qkv projection, the same + gate_up projection + SwiGLU
 gate, and the final norm + LM head; unfused = the Triton norm, cuBLAS (F.linear), the Triton gate
@@ -26,6 +27,7 @@ from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
 
 DEV, DT = "cuda", torch.bfloat16
 L2_BYTES = 256 << 20  # cycle through at least this many weight bytes per timing
+SPACE = norm_linear.CONFIG_SPACE["norm_linear"]  # --narrow: the one-row blocks the heuristic picks among
 
 
 def per_call_us(fn_for_copy, copies: int) -> float:
@@ -46,7 +48,7 @@ def sweep(fn_for_copy_and_config, copies: int, k: int, row: dict) -> str:
     """Time every tuner candidate (once per effective config: the launcher caps BLOCK_K at K), record
     them all in `row`, fastest first, return the fastest as the table's last column."""
     timed, seen = [], set()
-    for cand in norm_linear.CONFIG_SPACE["norm_linear"]:
+    for cand in SPACE:
         eff = {**cand, "BLOCK_K": min(cand["BLOCK_K"], triton.next_power_of_2(k))}
         if tuple(eff.values()) in seen:
             continue
@@ -67,8 +69,18 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-ops", default="qkv,gate_up,o_proj,down", help="the ops --sweep sweeps")
+    ap.add_argument(
+        "--narrow", action="store_true", help="sweep BLOCK_N 4-16, BLOCK_K 512-2048, 1 stage only"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.narrow:
+        global SPACE
+        SPACE = [
+            c
+            for c in SPACE
+            if 4 <= c["BLOCK_N"] <= 16 and 512 <= c["BLOCK_K"] <= 2048 and c["num_stages"] == 1
+        ]
     rows_list = [int(r) for r in args.rows.split(",")]
     sweep_ops = set(args.sweep_ops.split(","))
     results = []
