@@ -183,6 +183,15 @@ def test_decode_splits_merge_in_kernel_and_reset_their_counters():
     assert [cdiv(n, cdiv(cdiv(n, 8), 16) * 16) for n in (201, 91)] == [7, 6]
 
 
+def test_decode_wide_groups_merge_in_the_merge_kernel():
+    """A GQA group of 8 at D 128 over 32 splits would hold 8 x 32 x 128 fp32 partials in registers:
+    those splits write partials for the merge kernel instead (counters untouched)."""
+    batch = _batch(4, [300, 40], [1, 1], 1, 8, 128, torch.float32)
+    attention._COUNTERS.clear()
+    _check(batch, {"BLOCK_N": 16, "num_splits": 32, "num_warps": 4, "num_stages": 1}, store_new=False)
+    assert batch["q"].device not in attention._COUNTERS
+
+
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "num_splits": 7, "num_warps": 4, "num_stages": 2}])
 def test_decode_long_context(config):
     """Thousands of keys per request over several splits; config None takes the heuristic (many splits)."""

@@ -473,7 +473,11 @@ def decode_attention(
     mid_o = torch.empty((batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((batch, num_q_heads, parts), dtype=torch.float32, device=q.device)
     shared_len = shared_len if cascade else kv_indptr  # (unread without cascade)
-    counters = _arrival_counters(q.device, batch * num_kv_heads) if splits > 1 and not cascade else kv_indptr
+    # The in-kernel merge holds [group, splits, D] fp32 partials in registers: up to 128 a thread on
+    # 4 warps (the 8B's 4 x 32 x 128 at batch 1); wider (a GQA group of 5-8 at D 128) would spill, and
+    # a kernel's register count covers its split-K loop too, so those merge in the merge kernel.
+    fused = not cascade and triton.next_power_of_2(group) * triton.next_power_of_2(splits) * block_d <= 16384
+    counters = _arrival_counters(q.device, batch * num_kv_heads) if splits > 1 and fused else kv_indptr
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q,
         k,
@@ -509,7 +513,7 @@ def decode_attention(
         BLOCK_S=triton.next_power_of_2(splits),
         DOT_PRECISION=_dot_precision(k.dtype),
         SKIP_SHARED=cascade,
-        FUSED_MERGE=not cascade,
+        FUSED_MERGE=fused,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **pdl.launch_kwargs(q.device),
@@ -517,12 +521,14 @@ def decode_attention(
     if cascade:
         _shared_prefix(q, k, v, mid_o, mid_lse, kv_indptr, kv_indices, cascade_indptr, shared_len, scale,
                        splits, shared_config)  # fmt: skip
+    if not fused:
         _merge(mid_o, mid_lse, out)
     return out
 
 
 # Per (request, KV head): how many of its splits have written their partials. Zero between launches
-# (the merging program resets its own), so one buffer per device serves every layer and step; it is
+# (the merging program resets its own), so one buffer per device serves every layer and step, as
+# long as decode attention launches run one at a time on a device (one stream, as the runtime's); it is
 # created by an eager call (the runtime runs each batch size eagerly before capturing its graph), and
 # a grown-out buffer is kept alive for the graphs that captured it.
 _COUNTERS: dict[torch.device, Tensor] = {}
