@@ -48,7 +48,7 @@ def test_kernel_builds_are_recorded_inside_the_block_only():
 
     from triton.runtime.jit import JITFunction
 
-    from sgl_compile.bench.compiles import Builds, record_builds, timed
+    from sgl_compile.codegen.builds import Builds, record_builds, timed
 
     original = JITFunction._do_compile
     with record_builds() as builds:
@@ -65,3 +65,15 @@ def test_kernel_builds_are_recorded_inside_the_block_only():
     assert [name for name, _ in recorded.kernels] == ["my_kernel"]
     summary = recorded.summary()
     assert summary["kernel_builds"] == 1 and list(summary["kernel_builds_by_name"]) == ["my_kernel"]
+    # Triton passes (key, signature, device, constexprs, ...), constexprs keyed by argument-index paths.
+    fn = SimpleNamespace(fn=my_kernel, arg_names=["X", "BLOCK", "PDL"])
+    build(fn, "key", {"X": "*bf16"}, 0, {(1,): 64, (2,): True}, warmup=False)
+    assert recorded.specializations == ["", "BLOCK=64, PDL=True"]
+
+
+def test_start_up_logs_only_real_compiles():
+    """Loads from Triton's disk cache take milliseconds; the start-up log names the compiles only."""
+    from sgl_compile.codegen.builds import COMPILE_S, Builds
+
+    b = Builds([("_loaded", COMPILE_S / 10), ("_compiled", 2.5)], ["A=1", "BLOCK=64"])
+    assert b.compiled() == [("_compiled", 2.5, "BLOCK=64")]

@@ -100,7 +100,7 @@ def _check_decode_inputs(seed: int, n: int, pad: int, columns: int) -> None:
 @pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels: CUDA")
 def test_decode_inputs_compiles_once_for_every_batch_to_256() -> None:
     """A shrinking batch (an offline run's requests finishing) must not compile a kernel per size."""
-    from sgl_compile.bench.compiles import record_builds
+    from sgl_compile.codegen.builds import record_builds
 
     def run(n: int) -> None:
         meta, table, future, outputs = _decode_case(n, n, 1, 40)

@@ -7,8 +7,8 @@ import statistics
 import time
 from typing import Any
 
-from sgl_compile.bench.compiles import record_builds
 from sgl_compile.bench.datasets import BenchRequest
+from sgl_compile.codegen.builds import record_builds
 from sgl_compile.runtime.engine import Engine
 from sgl_compile.runtime.launch import EngineArgs, load_program
 from sgl_compile.runtime.request import Req

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sgl_compile.codegen.builds import record_builds
 from sgl_compile.driver import CompiledModel, CompileOptions, compile_model, validate
 from sgl_compile.errors import SglcError
 from sgl_compile.ir.capture import input_names
@@ -225,7 +226,21 @@ def check_args(args: EngineArgs) -> None:
 
 
 def launch(args: EngineArgs, compiled: CompiledModel | None = None) -> Launched:
-    """Load (or take) the program, plan memory, build the scheduler (capturing CUDA graphs)."""
+    """Load (or take) the program, plan memory, build the scheduler (capturing CUDA graphs). Triton
+    kernels compiled on the way (seconds each; a compiled artifact should carry them) are logged."""
+    with record_builds() as builds:
+        launched = _launch(args, compiled)
+    if compiled_kernels := builds.compiled():
+        log.info(
+            "start-up compiled %d Triton kernels in %.1fs (not in the kernel cache)",
+            len(compiled_kernels), sum(t for _, t, _ in compiled_kernels),
+        )  # fmt: skip
+        for name, seconds, spec in compiled_kernels:
+            log.info("  %s %.2fs: %s", name, seconds, spec)
+    return launched
+
+
+def _launch(args: EngineArgs, compiled: CompiledModel | None) -> Launched:
     compiled = compiled or load_program(args)
     cfg = compiled.config
     context = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)

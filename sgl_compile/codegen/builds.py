@@ -1,9 +1,10 @@
-"""Triton kernels first built inside a timed region: their names and seconds.
+"""Triton kernels first built inside a region: their names, seconds and specializations.
 
 A kernel specialization is compiled (or loaded from Triton's disk cache) the first time a process
 launches it. Inside a timed benchmark that is start-up work counted as serving time: a cold kernel
 cache cost the qwen3 offline run ~2 s of its ~8 (docs/benchmarks.md). `record_builds` makes the
-benchmark say so instead of leaving it to a comparison of runs.
+benchmark say so instead of leaving it to a comparison of runs, and the server's start-up log name
+the kernels it compiled (seconds each) that a compiled artifact should have carried.
 """
 
 from __future__ import annotations
@@ -13,16 +14,25 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+# A load from Triton's disk cache takes milliseconds, a compile a second or more.
+COMPILE_S = 0.2
+
 
 @dataclass
 class Builds:
     """Kernels built while recording: (kernel name, seconds), in order."""
 
     kernels: list[tuple[str, float]] = field(default_factory=list)
+    specializations: list[str] = field(default_factory=list)  # each build's constexprs, in order
 
     @property
     def seconds(self) -> float:
         return sum(s for _, s in self.kernels)
+
+    def compiled(self, threshold_s: float = COMPILE_S) -> list[tuple[str, float, str]]:
+        """The builds slower than a load from the disk cache (milliseconds): real compiles."""
+        return [(n, t, spec) for (n, t), spec in zip(self.kernels, self.specializations, strict=True)
+                if t >= threshold_s]  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         by_name: dict[str, float] = {}
@@ -38,7 +48,8 @@ class Builds:
 
 
 def timed(build: Callable, builds: Builds) -> Callable:
-    """`build` (a JITFunction's compile-or-load step, called as a method) that also records its time."""
+    """`build` (a JITFunction's compile-or-load step, called as a method: key, signature, device,
+    constexprs, ...) that also records its time and constexprs."""
 
     def wrapper(jit_fn, *args, **kwargs):
         start = time.perf_counter()
@@ -47,8 +58,23 @@ def timed(build: Callable, builds: Builds) -> Callable:
         finally:
             name = getattr(getattr(jit_fn, "fn", None), "__name__", type(jit_fn).__name__)
             builds.kernels.append((name, time.perf_counter() - start))
+            constexprs = kwargs.get("constexprs", args[3] if len(args) > 3 else None)
+            builds.specializations.append(_constexprs(getattr(jit_fn, "arg_names", []), constexprs))
 
     return wrapper
+
+
+def _constexprs(arg_names: list[str], constexprs: object) -> str:
+    """ "NAME=value, ..." of a build's constexprs (Triton keys them by argument-index paths), or ""."""
+    if not isinstance(constexprs, dict):
+        return ""
+
+    def name(k: object) -> str:
+        if isinstance(k, tuple) and len(k) == 1 and isinstance(k[0], int) and k[0] < len(arg_names):
+            return arg_names[k[0]]
+        return str(k)
+
+    return ", ".join(f"{name(k)}={v}" for k, v in constexprs.items())
 
 
 @contextlib.contextmanager
