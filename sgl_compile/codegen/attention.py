@@ -279,42 +279,15 @@ def _decode_split_kernel(
     first = 0
     if SKIP_SHARED:
         first = tl.load(SharedLen + b).to(tl.int32)
+    # With FUSED_MERGE, splits holding keys (`active`) work: one writes the output itself; several write
+    # partials, and the last of them to finish (an arrival counter per request and KV head) merges
+    # them; the others exit at once. Without it every split writes partials for the merge kernel.
+    active = NUM_SPLITS
+    direct = False
     if FUSED_MERGE:
-        # Splits holding keys: one writes the output itself; several write partials, and the last of
-        # them to finish (an arrival counter per request and KV head) merges them, so no merge kernel
-        # runs. The others exit at once.
         active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N), 1))
-        if split < tl.maximum(active, 1):
-            q = tl.load(
-                Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
-            ).to(K.dtype.element_ty)
-            o, lse, _ = _attend_split(
-                q, K, V, KvIndices, kv_start, kvh, 0, kv_len, split, sm_scale_log2,
-                stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
-                DOT_PRECISION,
-            )  # fmt: skip
-            if active <= 1:
-                tl.store(
-                    Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                    o.to(Out.dtype.element_ty),
-                    mask=out_mask,
-                )
-            else:
-                tl.store(
-                    MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-                    o,
-                    mask=out_mask,
-                )
-                tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
-                tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-                counter = Counters + b * tl.num_programs(1) + kvh
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
-                    tl.store(counter, 0)  # the next launch (stream-ordered after this one) counts from 0
-                    _merge_group(
-                        MidO, MidLse, Out, b, kvh, active, stride_mb, stride_mh, stride_ms, stride_lb,
-                        stride_lh, stride_ob, stride_oh, GROUP, HEAD_DIM, BLOCK_G, BLOCK_S, BLOCK_D,
-                    )  # fmt: skip
-    else:
+        direct = active <= 1
+    if split < tl.maximum(active, 1):
         q = tl.load(
             Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
         ).to(K.dtype.element_ty)
@@ -323,14 +296,30 @@ def _decode_split_kernel(
             stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
             DOT_PRECISION,
         )  # fmt: skip
-        # Empty splits store only lse; the merge masks out their (unwritten) partials.
-        if any_keys:
+        if direct:
             tl.store(
-                MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
-                o,
+                Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                o.to(Out.dtype.element_ty),
                 mask=out_mask,
             )
-        tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+        else:
+            # Empty splits store only lse; the merge kernel masks out their (unwritten) partials.
+            if any_keys:
+                tl.store(
+                    MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + offs_d[None, :],
+                    o,
+                    mask=out_mask,
+                )
+            tl.store(MidLse + b * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+            if FUSED_MERGE:
+                tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+                counter = Counters + b * tl.num_programs(1) + kvh
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
+                    tl.store(counter, 0)  # the next launch (stream-ordered after this one) counts from 0
+                    _merge_group(
+                        MidO, MidLse, Out, b, kvh, active, stride_mb, stride_mh, stride_ms, stride_lb,
+                        stride_lh, stride_ob, stride_oh, GROUP, HEAD_DIM, BLOCK_G, BLOCK_S, BLOCK_D,
+                    )  # fmt: skip
 
 
 @triton.jit
