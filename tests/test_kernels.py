@@ -193,6 +193,17 @@ def test_rope(seed, tokens, heads, head_dim, dtype, config):
     _close(k_rot, ref_k, dtype)
 
 
+def _assert_untouched_outside(
+    cache: torch.Tensor, ref: torch.Tensor, layer: int, slots: torch.Tensor
+) -> None:
+    """Every entry but layer `layer`'s written slots (>= 0) equals the reference bit for bit."""
+    written = torch.zeros(cache.shape[1], dtype=torch.bool)
+    written[slots[slots >= 0].cpu()] = True
+    other = torch.ones(cache.shape[:2], dtype=torch.bool)
+    other[layer] = ~written
+    torch.testing.assert_close(cache.cpu()[other], ref[other], rtol=0, atol=0)
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
@@ -219,11 +230,7 @@ def test_rope_store_kv(seed, tokens, pad, heads, head_dim, dtype, layer, config)
     _close(q_rot, ref_q.to(DEVICE), dtype)
     _close(k_cache.cpu(), ref_k, dtype)  # rotated keys within rounding, everything else untouched
     torch.testing.assert_close(v_cache.cpu(), ref_v, rtol=0, atol=0)
-    written = torch.zeros(num_slots, dtype=torch.bool)
-    written[slots[slots >= 0].cpu()] = True
-    other = torch.ones(LAYERS, num_slots, dtype=torch.bool)
-    other[layer] = ~written
-    torch.testing.assert_close(k_cache.cpu()[other], ref_k[other], rtol=0, atol=0)
+    _assert_untouched_outside(k_cache, ref_k, layer, slots)
 
 
 @settings(max_examples=20, deadline=None)
@@ -243,7 +250,9 @@ def test_rope_store_kv_with_qk_norm(seed, tokens, pad, heads, head_dim, dtype, l
     g = _gen(seed)
     pad, num_slots = min(pad, tokens), tokens + 5
     q, k, v = _qkv(g, tokens, heads[0], heads[1], head_dim, dtype)
-    q, k = q * 3, k * 0.5  # rows far from unit RMS, so a missing or wrong norm shows
+    # Rows far from unit RMS, so a missing or wrong norm shows; in place, so q and k stay strided views.
+    q.mul_(3)
+    k.mul_(0.5)
     weights = [(torch.rand(head_dim, generator=g) + 0.5).to(dtype).to(DEVICE) for _ in range(2)]
     positions, cos_sin = torch.randint(0, 32, (tokens,), generator=g).to(DEVICE), _cos_sin(g, 32, head_dim)
     k_cache, v_cache = _caches(g, num_slots, heads[0], head_dim, dtype)
@@ -263,11 +272,7 @@ def test_rope_store_kv_with_qk_norm(seed, tokens, pad, heads, head_dim, dtype, l
     torch.testing.assert_close(q_rot.cpu(), ref_q, **tol)
     torch.testing.assert_close(k_cache.cpu(), ref_k, **tol)
     torch.testing.assert_close(v_cache.cpu(), ref_v, rtol=0, atol=0)
-    written = torch.zeros(num_slots, dtype=torch.bool)
-    written[slots[slots >= 0].cpu()] = True
-    other = torch.ones(LAYERS, num_slots, dtype=torch.bool)
-    other[layer] = ~written
-    torch.testing.assert_close(k_cache.cpu()[other], ref_k[other], rtol=0, atol=0)
+    _assert_untouched_outside(k_cache, ref_k, layer, slots)
 
 
 def test_rope_store_kv_norm_weights_come_in_pairs():
