@@ -1,7 +1,8 @@
 """Does prefetching the next projections' weights into L2 while attention runs shorten a batch-1 decode
 step? (docs/benchmarks.md, 2026-12-07 fourth session)
 
-    python benchmarks/l2_prefetch.py [--model 1b|8b] [--context 160] [--out FILE]   (CUDA, sm_90)
+    python benchmarks/l2_prefetch.py [--model 1b|8b] [--context 160] [--out FILE]   (CUDA, sm_90; the repository
+    root on PYTHONPATH, as benchmarks/device_env.sh sets it)
 
 At batch 1 a layer's rope, attention split and merge take ~8 us (1B) to ~12 us (8B) on the H100 with
 HBM idle: they read a few hundred KB. The layer's o projection (8.4 / 33.5 MB) and the start of
@@ -31,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.pdl_chain import replay_us
 from sgl_compile.codegen import attention, norm_linear, pdl, rope
 
 SHAPES = {  # hidden, intermediate, layers, q heads, kv heads, head dim, vocab
@@ -209,19 +211,9 @@ def main() -> None:
             graph.replay()
             torch.cuda.synchronize()
             ref = eager if ref is None else ref
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            for _ in range(20):
-                graph.replay()
-            times = []
-            for _ in range(50):
-                start.record()
-                graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) * 1000)
-            times.sort()
+            times = replay_us(graph)
             results[name] = {
-                "us_median": times[25],
+                "us_median": times[len(times) // 2],
                 "us_min": times[0],
                 "eager_max_diff": (eager.float() - ref.float()).abs().max().item(),
                 "graph_max_diff": (out.float() - ref.float()).abs().max().item(),

@@ -45,6 +45,21 @@ def _gemv(X, W, Out, N, K, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr
     tl.store(Out + offs_n, (acc * 0.001).to(Out.dtype.element_ty), mask=offs_n < N)
 
 
+def replay_us(graph: torch.cuda.CUDAGraph, warmup: int = 20, reps: int = 50) -> list[float]:
+    """µs of `reps` replays of `graph`, each between two CUDA events, after `warmup` untimed ones; sorted."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return sorted(times)
+
+
 def _config(n: int, k: int) -> tuple[int, int, int]:
     """The engine's one-row heuristic of the time (norm_linear._heuristic, plain, 132 SMs)."""
     bn = 1
@@ -99,17 +114,7 @@ def main() -> None:
         with torch.cuda.graph(graph):
             chain(pdl, ahead)
         graphed = poisoned_run(graph.replay)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(20):
-            graph.replay()
-        times = []
-        for _ in range(50):
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1000)
-        times.sort()
+        times = replay_us(graph)
         results[name] = {
             "graph_us_median": times[len(times) // 2],
             "graph_us_min": times[0],
