@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sgl_compile.codegen import autotune, pdl
+from sgl_compile.ir.ops import check_qk_norm_weights
 
 Config = dict[str, int]
 
@@ -275,9 +276,8 @@ def _launch_rope(
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, half = k.shape[1], head_dim // 2
     assert head_dim % 2 == 0 and cos_sin_cache.shape[-1] == head_dim
+    check_qk_norm_weights(q_norm_weight, k_norm_weight)
     has_norm = q_norm_weight is not None
-    if (k_norm_weight is not None) != has_norm:
-        raise ValueError("rope_store_kv: give both q_norm_weight and k_norm_weight, or neither")
     if has_norm:
         for x, w in ((q, q_norm_weight), (k, k_norm_weight)):
             assert w.shape == (head_dim,) and w.dtype == x.dtype, "norm weight must be [D] in q/k's dtype"

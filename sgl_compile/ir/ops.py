@@ -159,6 +159,12 @@ def _(ids: Tensor, weight: Tensor) -> Tensor:
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
+def check_qk_norm_weights(q_norm_weight: Tensor | None, k_norm_weight: Tensor | None) -> None:
+    """rope_store_kv's q/k norm weights come both or neither."""
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("rope_store_kv: give both q_norm_weight and k_norm_weight, or neither")
+
+
 @torch.library.custom_op("sglc::rope_store_kv", mutates_args=("k_cache", "v_cache"))
 def rope_store_kv(
     q: Tensor,
@@ -180,8 +186,7 @@ def rope_store_kv(
     follows is called with k = v = None. One pass over q/k/v instead of three. With norm weights
     (both or neither), q and k are first `rms_norm`ed per head (Qwen3's q/k norm, [D] weights).
     """
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("rope_store_kv: give both q_norm_weight and k_norm_weight, or neither")
+    check_qk_norm_weights(q_norm_weight, k_norm_weight)
     if q_norm_weight is not None:
         q, k = rms_norm(q, q_norm_weight, norm_eps), rms_norm(k, k_norm_weight, norm_eps)
     q_rot, k_rot = rope(q, k, positions, cos_sin_cache)
