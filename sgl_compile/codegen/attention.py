@@ -465,7 +465,8 @@ def decode_attention(
     # The in-kernel merge holds [group, splits, D] fp32 partials in registers: up to 128 a thread on
     # 4 warps (the 8B's 4 x 32 x 128 at batch 1); wider (a GQA group of 5-8 at D 128) would spill, and
     # a kernel's register count covers its split-K loop too, so those merge in the merge kernel.
-    fused = not cascade and triton.next_power_of_2(group) * triton.next_power_of_2(splits) * block_d <= 16384
+    block_g, block_s = triton.next_power_of_2(group), triton.next_power_of_2(splits)
+    fused = not cascade and block_g * block_s * block_d <= 16384
     counters = _arrival_counters(q.device, batch * num_kv_heads) if splits > 1 and fused else kv_indptr
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q,
@@ -498,8 +499,8 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=config["BLOCK_N"],
         BLOCK_D=block_d,
-        BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_S=triton.next_power_of_2(splits),
+        BLOCK_G=block_g,
+        BLOCK_S=block_s,
         DOT_PRECISION=_dot_precision(k.dtype),
         SKIP_SHARED=cascade,
         FUSED_MERGE=fused,
@@ -525,8 +526,7 @@ _RETIRED_COUNTERS: list[Tensor] = []
 
 
 def _arrival_counters(device: torch.device, n: int) -> Tensor:
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    """>= n zeroed counters on `device` (a tensor's device: CUDA ones carry their index)."""
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
