@@ -68,7 +68,9 @@ def test_kernel_builds_are_recorded_inside_the_block_only():
     # Triton passes (key, signature, device, constexprs, ...), constexprs keyed by argument-index paths.
     fn = SimpleNamespace(fn=my_kernel, arg_names=["X", "BLOCK", "PDL"])
     build(fn, "key", {"X": "*bf16"}, 0, {(1,): 64, (2,): True}, warmup=False)
-    assert recorded.specializations == ["", "BLOCK=64, PDL=True"]
+    # ... and (options, attrs): the divisibility of pointers and integers, also in Triton's cache key.
+    build(fn, "key", {"X": "*bf16"}, 0, {(1,): 64}, None, {(0,): [["tt.divisibility", 16]]}, warmup=False)
+    assert recorded.specializations == ["", "BLOCK=64, PDL=True", "BLOCK=64; X%16"]
 
 
 def test_start_up_logs_only_real_compiles():

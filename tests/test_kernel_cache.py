@@ -55,6 +55,34 @@ def test_save_skips_temporary_files_and_install_adds_only_missing_entries(tmp_pa
     assert kernel_cache.install(tmp_path / "absent", local) == 0
 
 
+def test_installed_kernels_are_found_by_triton_after_the_compile_cache_is_gone(tmp_path, monkeypatch) -> None:
+    """Triton finds a compilation through its group file, which lists absolute paths: installed as
+    shipped, they would name the compile's deleted temporary cache and Triton would compile again."""
+    import shutil
+
+    from triton.runtime.cache import get_cache_manager
+
+    key = "0f" * 32
+    with kernel_cache.collecting(tmp_path / "compile"):
+        manager = get_cache_manager(key)
+        files = {
+            "k.cubin": manager.put(b"binary", "k.cubin"),
+            "k.json": manager.put("{}", "k.json", binary=False),
+        }
+        manager.put_group("k.json", files)
+        assert get_cache_manager(key).get_group("k.json") == files
+    shipped = tmp_path / "artifact" / KERNELS
+    kernel_cache.save(tmp_path / "compile", shipped)
+    shutil.rmtree(tmp_path / "compile")
+    local = tmp_path / "local"
+    assert kernel_cache.install(shipped, local) == 1
+    monkeypatch.setenv(kernel_cache.ENV, str(local))
+    found = get_cache_manager(key).get_group("k.json")
+    (entry,) = kernel_cache.entries(local)
+    assert found == {name: str(entry / name) for name in files}
+    assert Path(found["k.cubin"]).read_bytes() == b"binary"
+
+
 def test_artifact_carries_the_kernels_it_is_given(tmp_path) -> None:
     compiled = compile_model(CompileOptions("dummy:smollm2-135m", "float32", "cpu"))
     src = tmp_path / "collected"
@@ -82,6 +110,8 @@ def test_gpu_serving_a_compiled_artifact_compiles_no_kernel(tmp_path) -> None:
     r = subprocess.run(cli + ["generate", "--compiled", str(art), "--prompt", "Hello", "--max-new-tokens", "8"],
                        env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    # A shipped kernel Triton fails to find is compiled again into the same entry: only the log says so.
+    assert "start-up compiled" not in r.stderr, r.stderr[-3000:]
     compiled_at_serve = {p.name for p in kernel_cache.entries(serve_cache)} - shipped
     assert not compiled_at_serve, _describe(serve_cache, compiled_at_serve, art / KERNELS)
 

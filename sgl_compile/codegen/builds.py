@@ -58,23 +58,40 @@ def timed(build: Callable, builds: Builds) -> Callable:
         finally:
             name = getattr(getattr(jit_fn, "fn", None), "__name__", type(jit_fn).__name__)
             builds.kernels.append((name, time.perf_counter() - start))
+            names = getattr(jit_fn, "arg_names", [])
             constexprs = kwargs.get("constexprs", args[3] if len(args) > 3 else None)
-            builds.specializations.append(_constexprs(getattr(jit_fn, "arg_names", []), constexprs))
+            attrs = kwargs.get("attrs", args[5] if len(args) > 5 else None)
+            spec = "; ".join(filter(None, (_constexprs(names, constexprs), _attrs(names, attrs))))
+            builds.specializations.append(spec)
 
     return wrapper
 
 
+def _arg_name(arg_names: list[str], path: object) -> str:
+    """The argument an index path (Triton's key for constexprs and attributes) names."""
+    if isinstance(path, tuple) and len(path) == 1 and isinstance(path[0], int) and path[0] < len(arg_names):
+        return arg_names[path[0]]
+    return str(path)
+
+
 def _constexprs(arg_names: list[str], constexprs: object) -> str:
-    """ "NAME=value, ..." of a build's constexprs (Triton keys them by argument-index paths), or ""."""
+    """ "NAME=value, ..." of a build's constexprs, or ""."""
     if not isinstance(constexprs, dict):
         return ""
+    return ", ".join(f"{_arg_name(arg_names, k)}={v}" for k, v in constexprs.items())
 
-    def name(k: object) -> str:
-        if isinstance(k, tuple) and len(k) == 1 and isinstance(k[0], int) and k[0] < len(arg_names):
-            return arg_names[k[0]]
-        return str(k)
 
-    return ", ".join(f"{name(k)}={v}" for k, v in constexprs.items())
+def _attrs(arg_names: list[str], attrs: object) -> str:
+    """ "NAME%16, ..." of the arguments Triton specialized as divisible by 16 (pointers and integers),
+    which its cache key includes as well as the constexprs; or ""."""
+    if not isinstance(attrs, dict):
+        return ""
+    out = []
+    for path, specs in attrs.items():
+        for spec in specs or ():
+            if isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[0] == "tt.divisibility":
+                out.append(f"{_arg_name(arg_names, path)}%{spec[1]}")
+    return ", ".join(out)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ options and the GPU target, so an entry made for another GPU or Triton is never 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -69,6 +70,20 @@ def save(src: Path, dst: Path) -> int:
     return len(found)
 
 
+def _relocate_groups(entry: Path, home: Path) -> None:
+    """Point the entry's group files at `home`. A group file (`__grp__NAME.json`) lists the absolute
+    paths of a compilation's files (binary, metadata, ...), and Triton counts the group as missing,
+    so compiles again, unless every one of them exists. Shipped as written, they name the compile's
+    temporary cache, long deleted: each installed kernel was compiled again at its first launch (25 s
+    of an 8B start-up's 49 on the H100, docs/benchmarks.md)."""
+    for group in entry.glob("__grp__*.json"):
+        data = json.loads(group.read_text())
+        paths = data.get("child_paths")
+        if isinstance(paths, dict):
+            data["child_paths"] = {name: str(home / Path(p).name) for name, p in paths.items()}
+            group.write_text(json.dumps(data))
+
+
 def install(src: Path, dst: Path | None = None) -> int:
     """Add the entries of `src` that `dst` (default: the active cache) lacks; the number added.
 
@@ -84,6 +99,7 @@ def install(src: Path, dst: Path | None = None) -> int:
             continue
         partial = dst / f"tmp.sglc.{uuid.uuid4().hex}"
         shutil.copytree(entry, partial, ignore=_SKIP)
+        _relocate_groups(partial, target)
         try:
             partial.rename(target)
             added += 1
