@@ -83,6 +83,22 @@ def _batch(
     return {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in batch.items()}
 
 
+def _with_rope(batch: dict, seed: int, max_pos: int = 97) -> dict:
+    """The batch with q and k unrotated (`paged_attention` rotates them): positions, a cos/sin cache,
+    and q / k / v as the strided views of one fused QKV projection that the program passes."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = batch["q"], batch["k"], batch["v"]
+    tokens, head_dim = q.shape[0], q.shape[-1]
+    qkv = torch.cat([x.reshape(tokens, -1) for x in (q, k, v)], dim=1)
+    q, k, v = (x.view(tokens, -1, head_dim) for x in qkv.split([q[0].numel(), k[0].numel(), v[0].numel()], 1))
+    angles = torch.rand(max_pos, head_dim // 2, generator=g) * 6.3
+    return dict(
+        batch, q=q, k=k, v=v,
+        positions=torch.randint(0, max_pos, (tokens,), generator=g).to(q.device),
+        cos_sin_cache=torch.cat([angles.cos(), angles.sin()], dim=1).to(q.device),
+    )  # fmt: skip
+
+
 def _run_forced(args: dict, configs: dict[str, dict] | None):
     """attention.paged_attention(**args) with the attention kernels' launch configs forced to
     `configs[kernel]` (other kernels, e.g. store_kv, and configs None: their own choice)."""
@@ -98,9 +114,12 @@ def _run_forced(args: dict, configs: dict[str, dict] | None):
 
 
 def _check(batch: dict, config: dict | None, store_new: bool = True) -> None:
-    """paged_attention with `config` forced (None: the heuristic) vs the reference on cache copies."""
+    """paged_attention with `config` forced (None: the heuristic) vs the reference on cache copies.
+    A batch `_with_rope` checks the rotated keys the kernels store as well."""
     args = dict(batch)
-    if not store_new:  # k = v = None: the cache already holds the new tokens (rope_store_kv wrote them)
+    if (
+        not store_new and "positions" not in args
+    ):  # k = v = None: the cache already holds the new tokens (rope_store_kv wrote them)
         ops.store_kv(args["k"], args["v"], args["k_cache"], args["v_cache"], LAYER, args["slot_mapping"])
         args["k"] = args["v"] = None
     # The reference runs on CPU copies (on CUDA the op may already dispatch to these kernels).
@@ -127,7 +146,7 @@ dtypes = st.sampled_from([torch.float32, torch.float16])
     head_dim=head_dims,
     dtype=dtypes,
     pad_tokens=st.integers(0, 3),
-    store_new=st.booleans(),
+    store_new=st.sampled_from(["no", "yes", "rope"]),
     block_m=st.sampled_from([16, 32]),
     block_n=st.sampled_from([16, 32]),
 )
@@ -138,11 +157,13 @@ def test_extend_matches_reference(
     if pad_tokens == 0 and all(n == 1 for n in new_lens):
         new_lens[0] = 2  # keep it an extend batch (the decode dispatch has its own test)
     batch = _batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, pad_tokens=pad_tokens)
+    if store_new == "rope":  # rotated by rope_store_kv before the extend kernel
+        batch = _with_rope(batch, seed)
     config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
-    _check(batch, config, store_new)
+    _check(batch, config, store_new != "no")
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
     prefix_lens=st.lists(st.integers(0, 300), min_size=1, max_size=4),
@@ -150,22 +171,26 @@ def test_extend_matches_reference(
     heads=heads,
     head_dim=head_dims,
     dtype=dtypes,
-    store_new=st.booleans(),
+    store_new=st.sampled_from(["no", "yes", "rope"]),
     num_splits=st.sampled_from([1, 2, 3, 4, 8]),
     block_n=st.sampled_from([16, 32]),
 )
 def test_decode_matches_reference(
     seed, prefix_lens, empty_requests, heads, head_dim, dtype, store_new, num_splits, block_n
 ):
+    """store_new "rope": the split holding each request's new key rotates and stores it (padding
+    requests, slot -1, store nothing) and every split rotates its q."""
     new_lens = [1] * len(prefix_lens)
     batch = _batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, empty_requests=empty_requests)
+    if store_new == "rope":
+        batch = _with_rope(batch, seed)
     config = {
         "BLOCK_N": block_n,
         "num_splits": num_splits,
         "num_warps": 4,
         "num_stages": 1,
     }
-    _check(batch, config, store_new)
+    _check(batch, config, store_new != "no")
 
 
 def test_decode_splits_merge_in_kernel_and_reset_their_counters():
@@ -181,6 +206,29 @@ def test_decode_splits_merge_in_kernel_and_reset_their_counters():
     # splits, merged in-kernel; the padding request, with no keys, is written directly by split 0.
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     assert [cdiv(n, cdiv(cdiv(n, 8), 16) * 16) for n in (201, 91)] == [7, 6]
+
+
+def test_decode_rotates_and_stores_the_new_key_in_its_own_split():
+    """Unrotated q and k in decode: one kernel (no rope_store_kv launch). The new key is stored by the
+    split whose range holds the request's last slot, the only one that reads it (the interpreter runs
+    programs one by one, so only this check, not the output, would see another split store it)."""
+    import triton.language as tl
+
+    # 4 splits of 16-key tiles: 16, 17, 33, 49 and 1 keys put the last key in splits 0, 1, 2, 3, 0.
+    prefixes, owners = [15, 16, 32, 48, 0], [0, 1, 2, 3, 0]
+    batch = _with_rope(_batch(6, prefixes, [1] * 5, 2, 2, 32, torch.float32, empty_requests=1), 6)
+    stores, store = [], attention._store_new_kv
+
+    def spy(*args):
+        stores.append(tuple(int(x.handle.data.item()) for x in (args[5], args[6], tl.program_id(2))))
+        return store.fn(*args)
+
+    with (
+        mock.patch.object(attention, "rope_store_kv", side_effect=AssertionError("launched")),
+        mock.patch.object(attention, "_store_new_kv", spy),
+    ):
+        _check(batch, {"BLOCK_N": 16, "num_splits": 4, "num_warps": 4, "num_stages": 1})
+    assert sorted(stores) == [(b, h, owners[b]) for b in range(5) for h in range(2)]
 
 
 def test_decode_wide_groups_merge_in_the_merge_kernel():
@@ -321,6 +369,18 @@ def test_cascade_decode_matches_reference(
     _check_cascade(batch, configs)
 
 
+def test_cascade_decode_rotates_before_its_kernels():
+    """Cascade groups with unrotated q and k: rope_store_kv first (the shared-prefix kernel reads q too);
+    the same batch without groups rotates inside the decode kernel. Both match the reference."""
+    batch = _with_rope(_cascade_batch(7, [(40, [3, 1, 17]), (0, [5])], 2, 2, 32, torch.float32), 7)
+    configs = {
+        "decode_attention": {"BLOCK_N": 16, "num_splits": 2, "num_warps": 4, "num_stages": 1},
+        "shared_prefix_attention": {"BLOCK_N": 16, "MEMBERS": 2, "num_splits": 2, "num_warps": 4,
+                                    "num_stages": 1},
+    }  # fmt: skip
+    _check_cascade(batch, configs)
+
+
 def test_cascade_decode_heuristic_and_long_prefix():
     """The heuristic's configs over a 700-key prefix shared by 12 requests and a singleton group."""
     _check_cascade(
@@ -453,6 +513,24 @@ def test_gpu_cuda_graph_replay(decode):
         shapes = ([60, 10], [20, 30]), ([0, 70], [40, 10])
     first, second = (
         _batch(s, p, n, 2, 4, 128, torch.bfloat16, device="cuda") for s, (p, n) in enumerate(shapes)
+    )
+    _check_graph_replay(first, second)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_decode_rotates_and_stores_the_new_key(dtype):
+    """The compiled kernel's in-kernel rope and store (a CTA barrier orders the store before the split's
+    loads): heuristic configs, then a captured graph replayed on other requests."""
+    for seed, prefix_lens in enumerate([[4000, 17, 900, 0], [31, 127, 128, 129, 2000]]):
+        batch = _batch(
+            seed, prefix_lens, [1] * len(prefix_lens), 8, 4, 128, dtype, empty_requests=1, device="cuda"
+        )
+        _check(_with_rope(batch, seed, max_pos=4096), None)
+    first, second = (
+        _with_rope(_batch(s, p, [1, 1, 1], 2, 4, 128, torch.bfloat16, device="cuda"), s)
+        for s, p in enumerate(([100, 50, 7], [30, 120, 7]))
     )
     _check_graph_replay(first, second)
 

@@ -549,7 +549,8 @@ def test_bound_program_calls_the_kernels_and_matches() -> None:
     targets = [n.target for n in bound.graph.nodes if n.op == "call_function"]
     assert not any(t in cuda_kernels() for t in targets)
     launchers = set(cuda_kernels().values())
-    assert sum(t in launchers for t in targets) >= 4 * compiled.config.num_layers
+    # per layer: the fused norm + qkv and norm + gate/up GEMVs, and the attention (which rotates q and k)
+    assert sum(t in launchers for t in targets) >= 3 * compiled.config.num_layers
     c = compiled.config
     inputs = prefill_inputs(
         [[5, 6, 7], [8, 9]], (c.num_layers, c.num_kv_heads, c.head_dim), compiled.dtype, DEVICE

@@ -177,6 +177,27 @@ def test_rope_store_kv_is_rope_then_the_cache_write() -> None:
     assert caches[0][0].abs().sum() == 0 and caches[0][1, 9].equal(want_k[0])
 
 
+def test_paged_attention_given_positions_is_rope_store_kv_then_the_attention() -> None:
+    """Bit for bit (the fused program's values must not move); one of the two rope arguments is refused."""
+    q, k, v = _randn(0, 4, 4, 8), _randn(1, 4, 2, 8), _randn(2, 4, 2, 8)
+    positions, slots, cos_sin = torch.tensor([3, 0, 7, 1]), torch.tensor([5, 6, 7, -1]), _randn(3, 16, 8)
+    batch = (torch.tensor([0, 1, 3]), torch.tensor([0, 3, 5]), torch.tensor([1, 2, 5, 0, 6]), 0.35)
+    caches = [_randn(4 + i, 2, 10, 2, 8) for i in range(2)]
+    caches += [c.clone() for c in caches]
+    got = ir.paged_attention(q, k, v, caches[0], caches[1], 1, slots, *batch, None, None, positions, cos_sin)
+    q_rot = ir.rope_store_kv(q, k, v, positions, cos_sin, caches[2], caches[3], 1, slots)
+    want = ir.paged_attention(q_rot, None, None, caches[2], caches[3], 1, slots, *batch)
+    assert torch.equal(got[:3], want[:3])  # (row 3 is padding, left unwritten)
+    assert all(torch.equal(a, b) for a, b in zip(caches[:2], caches[2:], strict=True))
+    with pytest.raises(ValueError, match="both positions and cos_sin_cache"):
+        ir.paged_attention(q, k, v, caches[0], caches[1], 1, slots, *batch, None, None, positions, None)
+    torch.library.opcheck(
+        ir.paged_attention,
+        (q, k, v, caches[0], caches[1], 1, slots, *batch, None, None, positions, cos_sin),
+        test_utils=("test_schema", "test_faketensor"),  # (the padding row's output is unwritten memory)
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_store_kv_with_norm_weights_is_the_norms_then_rope_store_kv(dtype: torch.dtype) -> None:
     """Bit for bit: the fused program must compute what the unfused one (rms_norm on q and k) did."""

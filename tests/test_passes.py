@@ -60,6 +60,7 @@ def test_every_pass_preserves_fp32_logits_and_fuses_every_layer(
         "fused_add_rms_norm": 2 * layers - 1,  # every residual add but the last, whose norm sees pruned rows
         "paged_attention": layers,
         "rope_store_kv": layers,
+        "rope_attention": layers,  # ... then folded into the attention, which rotates q and k itself
         "rms_norm_linear": 2,  # the first layer's input norm (no residual yet) and the final norm + LM head
         "add_rms_norm_linear": 2 * layers - 1,
         "silu_and_mul_fused": layers,
@@ -124,7 +125,7 @@ def test_cli_print_ir_shows_each_pass(smollm2_gguf) -> None:
     captured, final = sections[1], sections[-1]
     assert captured.count("= sglc.attention(") == 30 and "sglc.fused_add_rms_norm" not in captured
     assert final.count("= sglc.add_rms_norm_linear(") == 59 and final.count("= sglc.paged_attention(") == 30
-    assert final.count("= sglc.rope_store_kv(") == 30 and "= sglc.rope(" not in final
+    assert "= sglc.rope_store_kv(" not in final and "= sglc.rope(" not in final
     assert "= sglc.fused_add_rms_norm(" not in final and "= sglc.silu_and_mul(" not in final
     assert final.count("qkv_proj_weight, None, 'none')") == 30 and "fused_add_rms_norm=59" in r.stdout
 
@@ -139,12 +140,14 @@ def _prefill(gm: fx.GraphModule, m: LoadedModel, batch: list[list[int]]) -> tupl
     return logits, available["k_cache"], available["v_cache"]
 
 
-def _rope_store_kv_inputs(gm: fx.GraphModule) -> list[str]:
-    """The ops feeding q and k of every rope_store_kv, and how many arguments it has."""
+def _rotating_inputs(gm: fx.GraphModule) -> list[str]:
+    """The ops feeding q and k of every op that rotates them (rope_store_kv, or the attention given
+    positions), with the op and its number of arguments."""
+    rotating = (torch.ops.sglc.rope_store_kv.default, torch.ops.sglc.paged_attention.default)
     return [
-        f"{a.target} {b.target} {len(n.args)}"
+        f"{n.target.name()} {a.target} {b.target} {len(n.args)}"
         for n in gm.graph.nodes
-        if n.target is torch.ops.sglc.rope_store_kv.default
+        if n.target in rotating and isinstance(n.args[1], fx.Node)
         for a, b in [n.args[:2]]
     ]
 
@@ -161,9 +164,10 @@ def test_qk_norm_fuses_into_rope_store_kv_without_moving_the_logits(dtype: str) 
     counts = _counts(run_passes(fused, DEFAULT_PASSES))
     assert counts["qk_norm_fused"] == m.config.num_layers
     view = str(torch.ops.aten.view.default)
-    assert _rope_store_kv_inputs(fused) == [f"{view} {view} 12"] * m.config.num_layers
+    assert _rotating_inputs(fused) == [f"sglc::rope_store_kv {view} {view} 12"] * m.config.num_layers
     norm = str(torch.ops.sglc.rms_norm.default)
-    assert _rope_store_kv_inputs(unfused) == [f"{norm} {norm} 9"] * m.config.num_layers
+    # Unfused, the plain rope_store_kv went on into the attention (fuse_rope_attention).
+    assert _rotating_inputs(unfused) == [f"sglc::paged_attention {norm} {norm} 15"] * m.config.num_layers
     assert not any(n.target is torch.ops.sglc.rms_norm.default for n in fused.graph.nodes)
     gen = torch.Generator().manual_seed(0)
     batch = [torch.randint(0, 258, (n,), generator=gen).tolist() for n in (1, 7, 20)]

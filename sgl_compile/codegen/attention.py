@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sgl_compile.codegen import autotune, pdl
-from sgl_compile.codegen.rope import store_kv
+from sgl_compile.codegen.rope import rope_store_kv, store_kv
 
 Config = dict[str, int]
 _LOG2E = 1.4426950408889634
@@ -226,6 +226,62 @@ def _attend_split(
 
 
 @triton.jit
+def _rotated(ptrs, offs_d, mask, cos_sin, HEAD_DIM: tl.constexpr):
+    """The rows at `ptrs` ([rows, BLOCK_D] pointers, element offs_d of each) rotated as `sglc::rope`
+    does (NeoX: elements d and d + D/2 are a pair), in fp32; `cos_sin` points at the position's
+    row of the cache (cos in its first D/2 columns, sin in the last)."""
+    half = HEAD_DIM // 2
+    lower = offs_d < half
+    idx = tl.where(lower, offs_d, offs_d - half)
+    d_mask = offs_d < HEAD_DIM
+    cos = tl.load(cos_sin + idx, mask=d_mask, other=0.0)[None, :]
+    sin = tl.load(cos_sin + half + idx, mask=d_mask, other=0.0)
+    sin = tl.where(lower, -sin, sin)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(ptrs + tl.where(lower, half, -half)[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x * cos + partner * sin
+
+
+@triton.jit
+def _store_new_kv(
+    KNew,
+    VNew,
+    K,
+    V,
+    Slots,
+    b,
+    kvh,
+    cos_sin,
+    offs_d,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    HEAD_DIM: tl.constexpr,
+):
+    """Request b's new key (rotated, rounded to its own dtype first as the reference's rope does) and
+    value for KV head kvh into the pool at Slots[b] (padding rows: < 0, nothing), visible to the whole
+    program when it returns."""
+    slot = tl.load(Slots + b).to(tl.int64)
+    if slot >= 0:
+        d_mask = (offs_d < HEAD_DIM)[None, :]
+        src = KNew + b * stride_knb + kvh * stride_knh + offs_d[None, :]
+        k = _rotated(src, offs_d, d_mask, cos_sin, HEAD_DIM).to(KNew.dtype.element_ty)
+        tl.store(
+            K + slot * stride_ks + kvh * stride_kh + offs_d[None, :], k.to(K.dtype.element_ty), mask=d_mask
+        )
+        v = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d[None, :], mask=d_mask)
+        tl.store(
+            V + slot * stride_vs + kvh * stride_vh + offs_d[None, :], v.to(V.dtype.element_ty), mask=d_mask
+        )
+    tl.debug_barrier()  # a CTA barrier orders its threads' global stores before their later loads
+
+
+@triton.jit
 def _decode_split_kernel(
     Q,
     K,
@@ -237,6 +293,11 @@ def _decode_split_kernel(
     KvIndices,
     SharedLen,
     Counters,
+    KNew,
+    VNew,
+    Positions,
+    CosSin,
+    Slots,
     sm_scale_log2,
     stride_qb,
     stride_qh,
@@ -251,6 +312,11 @@ def _decode_split_kernel(
     stride_ms,
     stride_lb,
     stride_lh,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_cos,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -262,6 +328,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     SKIP_SHARED: tl.constexpr,  # cascade: keys below SharedLen[b] are the shared-prefix kernel's
     FUSED_MERGE: tl.constexpr,  # no other partials: the splits merge themselves (else the merge kernel)
+    ROPE: tl.constexpr,  # q and the new key arrive unrotated; the new key and value are stored here
     PDL: tl.constexpr,
 ):
     pdl.wait_for_producers(PDL)
@@ -288,9 +355,22 @@ def _decode_split_kernel(
         active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N), 1))
         direct = active <= 1
     if split < tl.maximum(active, 1):
-        q = tl.load(
-            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0
-        ).to(K.dtype.element_ty)
+        q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+        if ROPE:
+            cos_sin = CosSin + tl.load(Positions + b).to(tl.int64) * stride_cos
+            q = _rotated(q_ptrs, offs_d, out_mask, cos_sin, HEAD_DIM).to(Q.dtype.element_ty)
+            # The request's new token is its last key: the split whose range holds it rotates and
+            # stores it (and its value) before reading its keys; no other split reads that slot.
+            length = kv_len - first
+            owner = (length - 1) // tl.maximum(_split_chunk(length, NUM_SPLITS, BLOCK_N), 1)
+            if (length > 0) & (split == owner):
+                _store_new_kv(
+                    KNew, VNew, K, V, Slots, b, kvh, cos_sin, offs_d, stride_knb, stride_knh,
+                    stride_vnb, stride_vnh, stride_ks, stride_kh, stride_vs, stride_vh, HEAD_DIM,
+                )  # fmt: skip
+        else:
+            q = tl.load(q_ptrs, mask=out_mask, other=0)
+        q = q.to(K.dtype.element_ty)
         o, lse, any_keys = _attend_split(
             q, K, V, KvIndices, kv_start, kvh, first, kv_len, split, sm_scale_log2,
             stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
@@ -429,15 +509,22 @@ def decode_attention(
     cascade_indptr: Tensor | None = None,
     shared_len: Tensor | None = None,
     shared_config: Config | None = None,
+    new_kv: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One query per request: q [B, Hq, D] over request b's slots kv_indices[kv_indptr[b]:kv_indptr[b+1]].
 
     With `cascade_indptr` / `shared_len` (see `sglc::paged_attention`), each group's shared keys are
-    read once by the shared-prefix kernel and the decode kernel covers the rest."""
+    read once by the shared-prefix kernel and the decode kernel covers the rest.
+    With `new_kv` = (k [B, Hkv, D], v, positions, cos_sin_cache, slot_mapping), q and k are unrotated:
+    the kernel rotates q, and rotates and stores each request's new key (the last of its slots, at
+    slot_mapping[b]) and value itself (not with cascade groups: the shared-prefix kernel reads q too)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     cascade = cascade_indptr is not None and cascade_indptr.numel() > 0
+    if new_kv is not None:
+        assert not cascade, "cascade decode takes rotated q (rope_store_kv first)"
+        assert head_dim % 2 == 0 and new_kv[3].shape[-1] == head_dim and new_kv[3].stride(-1) == 1
     if config is None:
         config = autotune.get_config(
             "decode_attention",
@@ -468,6 +555,9 @@ def decode_attention(
     block_g, block_s = triton.next_power_of_2(group), triton.next_power_of_2(splits)
     fused = not cascade and block_g * block_s * block_d <= 16384
     counters = _arrival_counters(q.device, batch * num_kv_heads) if splits > 1 and fused else kv_indptr
+    # (placeholders where there is no new key to store: the ROPE=False kernel never reads them)
+    k_new, v_new, positions, cos_sin, slots = new_kv or (q, q, kv_indptr, mid_o, kv_indptr)
+    k_new, v_new = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_new, v_new))
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q,
         k,
@@ -479,6 +569,11 @@ def decode_attention(
         kv_indices,
         shared_len,
         counters,
+        k_new,
+        v_new,
+        positions,
+        cos_sin,
+        slots,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -493,6 +588,11 @@ def decode_attention(
         mid_o.stride(2),
         mid_lse.stride(0),
         mid_lse.stride(1),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        cos_sin.stride(0),
         GROUP=group,
         HEAD_DIM=head_dim,
         NUM_SPLITS=splits,
@@ -504,6 +604,7 @@ def decode_attention(
         DOT_PRECISION=_dot_precision(k.dtype),
         SKIP_SHARED=cascade,
         FUSED_MERGE=fused,
+        ROPE=new_kv is not None,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **pdl.launch_kwargs(q.device),
@@ -992,15 +1093,28 @@ def paged_attention(
     scale: float,
     cascade_indptr: Tensor | None = None,
     shared_len: Tensor | None = None,
+    positions: Tensor | None = None,
+    cos_sin_cache: Tensor | None = None,
 ) -> Tensor:
     """`sglc::paged_attention` on CUDA: store the new k/v, then decode (cascaded when the batch names
-    shared-prefix groups) or extend, by shape."""
+    shared-prefix groups) or extend, by shape. With `positions`, plain decode rotates q and the new
+    keys inside its kernel; extend and cascade decode run `rope_store_kv` first."""
+    # Every scheduled request has >= 1 query, so as many rows as requests means one query each.
+    decode = q.shape[0] == qo_indptr.shape[0] - 1
+    cascade = cascade_indptr is not None and cascade_indptr.numel() > 0
+    new_kv = None
+    if positions is not None:
+        assert k is not None and v is not None and cos_sin_cache is not None
+        if decode and not cascade:
+            new_kv = (k, v, positions, cos_sin_cache, slot_mapping)
+        else:
+            q = rope_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
+        k = v = None
     if k is not None and v is not None:
         store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
-    # Every scheduled request has >= 1 query, so as many rows as requests means one query each.
-    if q.shape[0] == qo_indptr.shape[0] - 1:
+    if decode:
         return decode_attention(
             q, k_cache, v_cache, layer, kv_indptr, kv_indices, scale,
-            cascade_indptr=cascade_indptr, shared_len=shared_len,
+            cascade_indptr=cascade_indptr, shared_len=shared_len, new_kv=new_kv,
         )  # fmt: skip
     return extend_attention(q, k_cache, v_cache, layer, qo_indptr, kv_indptr, kv_indices, scale)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sgl_compile.codegen import attention as triton_attention
-from sgl_compile.codegen.rope import store_kv
+from sgl_compile.codegen.rope import rope_store_kv, store_kv
 
 log = logging.getLogger(__name__)
 
@@ -191,16 +191,22 @@ class FlashinferAttention:
         scale: float,
         cascade_indptr: Tensor | None = None,
         shared_len: Tensor | None = None,
+        positions: Tensor | None = None,
+        cos_sin_cache: Tensor | None = None,
     ) -> Tensor:
         """`sglc::paged_attention` through the step's plan (the batch metadata tensors are the plan's).
-        Groups of a shared prefix are ignored: they name no different result."""
+        Groups of a shared prefix are ignored: they name no different result. Unrotated q and k (with
+        `positions`) are rotated and stored by `rope_store_kv` first."""
         if not self._runs(decode=q.shape[0] == qo_indptr.shape[0] - 1):
             return triton_attention.paged_attention(
                 q, k, v, k_cache, v_cache, layer, slot_mapping, qo_indptr, kv_indptr, kv_indices, scale,
-                cascade_indptr, shared_len,
+                cascade_indptr, shared_len, positions, cos_sin_cache,
             )  # fmt: skip
         if self._active is None:
             raise RuntimeError("flashinfer attention ran before the step was planned")
+        if positions is not None:
+            q = rope_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
+            k = v = None
         if k is not None and v is not None:
             store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
         kv = (k_cache[layer].unsqueeze(1), v_cache[layer].unsqueeze(1))

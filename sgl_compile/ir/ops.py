@@ -226,6 +226,8 @@ def paged_attention(
     scale: float,
     cascade_indptr: Tensor | None = None,
     shared_len: Tensor | None = None,
+    positions: Tensor | None = None,
+    cos_sin_cache: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of a ragged batch over a paged KV cache; what `attention` is lowered to.
 
@@ -239,7 +241,17 @@ def paged_attention(
     `cascade_indptr[g]:cascade_indptr[g+1]` (consecutive; [B + 1], trailing groups empty) have the
     same first `shared_len[b]` [B] KV slots, so a kernel may read them once for the whole group. The
     result is the same; empty tensors (or None) name no groups. This reference checks the claim.
+
+    With `positions` [T] and `cos_sin_cache` (both or neither, as `rope` takes them), q and k are the
+    projections before the rotary embedding: the op rotates both first, so that a decode kernel can
+    rotate and store the new key itself instead of a kernel before it doing so.
     """
+    if (positions is None) != (cos_sin_cache is None):
+        raise ValueError("paged_attention: give both positions and cos_sin_cache, or neither")
+    if positions is not None:
+        if k is None or v is None:
+            raise ValueError("paged_attention: rotating q and k needs the new k and v")
+        q, k = rope(q, k, positions, cos_sin_cache)
     if k is not None and v is not None:
         store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
     if cascade_indptr is not None and cascade_indptr.numel() > 0:
@@ -286,7 +298,7 @@ def _check_cascade(cascade_indptr: Tensor, shared_len: Tensor, kv_indptr: Tensor
 @paged_attention.register_fake
 def _(
     q, k, v, k_cache, v_cache, layer, slot_mapping, qo_indptr, kv_indptr, kv_indices, scale,
-    cascade_indptr=None, shared_len=None,
+    cascade_indptr=None, shared_len=None, positions=None, cos_sin_cache=None,
 ) -> Tensor:  # fmt: skip
     return torch.empty_like(q)
 

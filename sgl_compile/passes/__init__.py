@@ -3,6 +3,7 @@
 from sgl_compile.passes.fuse_add_rms_norm import fuse_add_rms_norm
 from sgl_compile.passes.fuse_norm_linear import fuse_norm_linear
 from sgl_compile.passes.fuse_qk_norm_rope import fuse_qk_norm_rope
+from sgl_compile.passes.fuse_rope_attention import fuse_rope_attention
 from sgl_compile.passes.fuse_rope_store_kv import fuse_rope_store_kv
 from sgl_compile.passes.lower_attention import BATCH_INPUTS, lower_attention
 from sgl_compile.passes.manager import Pass, PassReport, run_passes
@@ -21,6 +22,7 @@ DEFAULT_PASSES: list[tuple[str, Pass]] = [
     ("lower_attention", lower_attention),
     ("fuse_rope_store_kv", fuse_rope_store_kv),
     ("fuse_qk_norm_rope", fuse_qk_norm_rope),
+    ("fuse_rope_attention", fuse_rope_attention),
     ("fuse_norm_linear", fuse_norm_linear),
 ]
 # Weight quantization goes before these: they fuse only projections that stay `aten.linear`.
