@@ -113,34 +113,6 @@ def _row_dot(h, w, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(
-    X, R, S, NW, pid, offs_m, mask_m, offs_k, mask_k, w, w_up, acc, acc_up, squares,
-    stride_xm, stride_rm, stride_sm,
-    HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One K tile: the activation rows (plus the residual, stored by program 0), their squares for the
-    norm, and their dot products with the weight tile(s) w [, w_up] added to the accumulators."""
-    mask = mask_m[:, None] & mask_k[None, :]
-    xs = _summed(X, R, offs_m, offs_k, mask, stride_xm, stride_rm, HAS_RESIDUAL)
-    if HAS_RESIDUAL:  # noqa: SIM102 - HAS_RESIDUAL is a compile-time branch, pid a run-time one
-        if pid == 0:
-            tl.store(S + offs_m[:, None] * stride_sm + offs_k[None, :], xs, mask=mask)
-    x = xs.to(tl.float32)
-    if HAS_NORM:
-        squares += tl.sum(x * x, axis=1)
-        h = x * tl.load(NW + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-    else:
-        h = x
-    if BLOCK_M > 1:
-        h = h.to(X.dtype.element_ty)  # the MMA's input type
-    acc += _row_dot(h, w, BLOCK_M, PRECISION)
-    if SILU_MUL:
-        acc_up += _row_dot(h, w_up, BLOCK_M, PRECISION)
-    return acc, acc_up, squares
-
-
-@triton.jit
 def _norm_gemv_kernel(
     X,
     R,
@@ -168,6 +140,9 @@ def _norm_gemv_kernel(
     PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    # The next kernel may launch only once every program has stored: released at the start instead,
+    # its programs took SM slots beside this one's and the 8B's batch-1 step ran 9% slower (H100).
+    pdl.wait_only(PDL)
     pid = tl.program_id(0)
     dtype = X.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
@@ -178,35 +153,30 @@ def _norm_gemv_kernel(
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # No kernel writes the weights, so the first weight tile loads before the wait: its DRAM round trip
-    # overlaps the previous kernel's last programs instead of following them.
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    w_mask = mask_n[:, None] & mask_k[None, :]
-    w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
-    w_up = w
-    if SILU_MUL:
-        w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-    # The next kernel may launch only once every program has stored: released at the start instead,
-    # its programs took SM slots beside this one's and the 8B's batch-1 step ran 9% slower (H100).
-    pdl.wait_only(PDL)
     # One walk over K: rstd is a per-row scalar, so it scales the finished dot products instead of
     # the inputs and the weight stream starts at once (program 0 also stores the residual sum).
-    acc, acc_up, squares = _accumulate(
-        X, R, S, NW, pid, offs_m, mask_m, offs_k, mask_k, w, w_up, acc, acc_up, squares,
-        stride_xm, stride_rm, stride_sm, HAS_NORM, HAS_RESIDUAL, SILU_MUL, BLOCK_M, PRECISION,
-    )  # fmt: skip
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        xs = _summed(X, R, offs_m, offs_k, mask, stride_xm, stride_rm, HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # noqa: SIM102 - HAS_RESIDUAL is a compile-time branch, pid a run-time one
+            if pid == 0:
+                tl.store(S + offs_m[:, None] * stride_sm + offs_k[None, :], xs, mask=mask)
+        x = xs.to(tl.float32)
+        if HAS_NORM:
+            squares += tl.sum(x * x, axis=1)
+            h = x * tl.load(NW + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        else:
+            h = x
+        if BLOCK_M > 1:
+            h = h.to(dtype)  # the MMA's input type
         w_mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        acc += _row_dot(h, w, BLOCK_M, PRECISION)
         if SILU_MUL:
             w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-        acc, acc_up, squares = _accumulate(
-            X, R, S, NW, pid, offs_m, mask_m, offs_k, mask_k, w, w_up, acc, acc_up, squares,
-            stride_xm, stride_rm, stride_sm, HAS_NORM, HAS_RESIDUAL, SILU_MUL, BLOCK_M, PRECISION,
-        )  # fmt: skip
+            acc_up += _row_dot(h, w_up, BLOCK_M, PRECISION)
     if HAS_NORM:
         rstd = tl.math.rsqrt(squares / K + eps)
         acc *= rstd[:, None]
