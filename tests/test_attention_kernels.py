@@ -129,8 +129,13 @@ def _check(batch: dict, config: dict | None, store_new: bool = True) -> None:
     rows = int(args["qo_indptr"][-1])  # rows past it are padding tokens, left unwritten
     assert out.dtype == args["q"].dtype and out.shape == args["q"].shape
     torch.testing.assert_close(out[:rows].cpu(), expected[:rows], **TOL[args["q"].dtype])
-    assert torch.equal(args["k_cache"].cpu(), ref_args["k_cache"])
     assert torch.equal(args["v_cache"].cpu(), ref_args["v_cache"])
+    if "positions" in args and args["q"].is_cuda:
+        # A rotated key is two products and a sum, which the GPU contracts into an FMA: one rounding
+        # fewer than the reference, so an ulp of the key's dtype apart at most.
+        torch.testing.assert_close(args["k_cache"].cpu(), ref_args["k_cache"])
+    else:
+        assert torch.equal(args["k_cache"].cpu(), ref_args["k_cache"])
 
 
 heads = st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2, 3, 4]))  # (Hkv, Hq // Hkv)
