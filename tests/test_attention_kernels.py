@@ -331,14 +331,22 @@ def _cascade_batch(
 
 
 def _check_cascade(batch: dict, configs: dict[str, dict] | None) -> None:
-    """The cascaded kernels vs the reference on the same batch (which also checks the groups' claim)."""
+    """The cascaded kernels vs the reference on the same batch (which also checks the groups' claim),
+    and vs the plain decode kernel (on its own copy of the caches); the caches each path wrote too."""
     ref = {name: x.cpu().clone() if isinstance(x, torch.Tensor) else x for name, x in batch.items()}
     expected = ops.paged_attention(**ref)
-    plain = attention.paged_attention(**dict(batch, cascade_indptr=None, shared_len=None))
+    caches = {name: batch[name].clone() for name in ("k_cache", "v_cache")}
+    plain = attention.paged_attention(**dict(batch, cascade_indptr=None, shared_len=None, **caches))
     out = _run_forced(batch, configs)
     tol = TOL[batch["q"].dtype]
     torch.testing.assert_close(out.cpu(), expected, **tol)
     torch.testing.assert_close(out, plain, **tol)
+    for written in (batch, caches):
+        for name in ("k_cache", "v_cache"):
+            if batch["q"].is_cuda:  # a rotated key may be an FMA's rounding apart
+                torch.testing.assert_close(written[name].cpu(), ref[name])
+            else:
+                assert torch.equal(written[name], ref[name]), name
 
 
 cascade_groups = st.lists(

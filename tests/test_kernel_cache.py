@@ -81,6 +81,13 @@ def test_installed_kernels_are_found_by_triton_after_the_compile_cache_is_gone(t
     (entry,) = kernel_cache.entries(local)
     assert found == {name: str(entry / name) for name in files}
     assert Path(found["k.cubin"]).read_bytes() == b"binary"
+    # A group file Triton could not read either is installed as it is, and the others still are.
+    for name, text in (("BAD1", "{bad"), ("BAD2", "[]")):
+        (shipped / name).mkdir()
+        (shipped / name / "__grp__k.json").write_text(text)
+    assert kernel_cache.install(shipped, local) == 2
+    assert (local / "BAD1" / "__grp__k.json").read_text() == "{bad"
+    assert not [p for p in local.iterdir() if p.name.startswith("tmp.")]
 
 
 def test_artifact_carries_the_kernels_it_is_given(tmp_path) -> None:

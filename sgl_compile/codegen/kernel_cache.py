@@ -77,8 +77,11 @@ def _relocate_groups(entry: Path, home: Path) -> None:
     temporary cache, long deleted: each installed kernel was compiled again at its first launch (25 s
     of an 8B start-up's 49 on the H100, docs/benchmarks.md)."""
     for group in entry.glob("__grp__*.json"):
-        data = json.loads(group.read_text())
-        paths = data.get("child_paths")
+        try:
+            data = json.loads(group.read_text())
+        except (OSError, ValueError):  # unreadable: Triton counts it as a miss too, and recompiles
+            continue
+        paths = data.get("child_paths") if isinstance(data, dict) else None
         if isinstance(paths, dict):
             data["child_paths"] = {name: str(home / Path(p).name) for name, p in paths.items()}
             group.write_text(json.dumps(data))
@@ -89,7 +92,7 @@ def install(src: Path, dst: Path | None = None) -> int:
 
     Each entry is copied under a private name and renamed into place, so a concurrent reader (another
     server sharing the cache) never sees half an entry."""
-    dst = dst or active_dir()
+    dst = (dst or active_dir()).resolve()  # (group files list absolute paths)
     dst.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     added = 0
@@ -98,12 +101,12 @@ def install(src: Path, dst: Path | None = None) -> int:
         if target.exists():
             continue
         partial = dst / f"tmp.sglc.{uuid.uuid4().hex}"
-        shutil.copytree(entry, partial, ignore=_SKIP)
-        _relocate_groups(partial, target)
         try:
+            shutil.copytree(entry, partial, ignore=_SKIP)
+            _relocate_groups(partial, target)
             partial.rename(target)
             added += 1
-        except OSError:  # another process installed it first
+        except OSError:  # another process installed it first (or the copy failed): leave no private copy
             shutil.rmtree(partial, ignore_errors=True)
     if added:
         log.info("installed %d compiled kernels into %s in %.2fs", added, dst, time.perf_counter() - start)
