@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 
 # A load from Triton's disk cache takes milliseconds, a compile a second or more.
 COMPILE_S = 0.2
@@ -52,6 +53,7 @@ def timed(build: Callable, builds: Builds) -> Callable:
     constexprs, ...) that also records its time and constexprs."""
 
     def wrapper(jit_fn, *args, **kwargs):
+        _hash_triton()  # (once a process, untimed; nothing to hash where nothing is built)
         start = time.perf_counter()
         try:
             return build(jit_fn, *args, **kwargs)
@@ -94,6 +96,7 @@ def _attrs(arg_names: list[str], attrs: object) -> str:
     return ", ".join(out)
 
 
+@cache
 def _hash_triton() -> None:
     """Triton's first build in a process hashes its own installation (`triton_key`, cached after: 0.4 s,
     most of it libtriton), a one-time cost that would read as the first kernel's compile."""
@@ -123,7 +126,6 @@ def record_builds() -> Iterator[Builds]:
     if original is None:
         yield builds
         return
-    _hash_triton()
     JITFunction._do_compile = timed(original, builds)
     try:
         yield builds

@@ -33,9 +33,8 @@ def fuse_rope_attention(gm: fx.GraphModule) -> dict[str, int]:
         q, k, v, positions, cos_sin, k_cache, v_cache, layer, slot_mapping = rope.args
         if tuple(node.args[3:7]) != (k_cache, v_cache, layer, slot_mapping):
             continue
-        rest = list(node.args[7:]) + [None] * (
-            _CACHE_ONLY_ARGS - len(node.args)
-        )  # cascade_indptr, shared_len
+        # cascade_indptr and shared_len, None where the node leaves them to their defaults
+        rest = list(node.args[7:]) + [None] * (_CACHE_ONLY_ARGS - len(node.args))
         node.args = (q, k, v, *node.args[3:7], *rest, positions, cos_sin)
         gm.graph.erase_node(rope)
         count += 1
