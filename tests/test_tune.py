@@ -66,3 +66,28 @@ def test_tune_refuses_without_a_gpu() -> None:
     r = subprocess.run([sys.executable, "-m", "sgl_compile.cli", "tune", "--device", "cpu"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "CUDA GPU" in r.stderr
+
+
+def test_decode_attention_is_tuned_in_the_variant_the_program_runs(monkeypatch) -> None:
+    # Without a q/k norm, fuse_rope_attention folds rope and the KV store into decode attention, so
+    # the tuner times that variant: each request's new key at its last slot, at position context - 1.
+    # Qwen3's q/k norm keeps rope_store_kv before a plain attention kernel.
+    seen = []
+    monkeypatch.setattr(tune.attention, "decode_attention", lambda *a, **kw: seen.append((a, kw)))
+    for name, rope_inside in (("smollm2-135m", True), ("qwen3-0.6b", False)):
+        seen.clear()
+        cases = tune.model_cases(DUMMY_CONFIGS[name], torch.float32, torch.device("cpu"), [3], 16, 8)
+        next(c for c in cases if c.kernel == "decode_attention").run({})
+        ((args, kw),) = seen
+        new_kv = kw["new_kv"]
+        assert (new_kv is not None) == rope_inside, name
+        if rope_inside:
+            k_new, v_new, positions, cos_sin, slots = new_kv
+            indptr, indices = args[4], args[5]
+            assert (
+                k_new.shape
+                == v_new.shape
+                == (3, DUMMY_CONFIGS[name].num_kv_heads, DUMMY_CONFIGS[name].head_dim)
+            )
+            assert positions.tolist() == [15] * 3 and cos_sin.shape[0] == 16
+            assert slots.tolist() == [indices[int(indptr[b + 1]) - 1].item() for b in range(3)]

@@ -112,10 +112,18 @@ def _attention_cases(cfg, randn, device, batch_sizes, context, prefill_tokens) -
         q = randn(b, hq, d)
         indptr = torch.arange(b + 1, device=device) * context
         indices = torch.randperm(b * context, device=device)
+        # Without a q/k norm the program's decode attention also rotates q and stores each request's
+        # new key (pass fuse_rope_attention), so that is the variant timed; the new key's slot is the
+        # last of the request's slots, as the runtime's.
+        new_kv = None
+        if not cfg.qk_norm:
+            cos_sin = torch.randn(context, d, device=device)
+            positions = torch.full((b,), context - 1, device=device)
+            new_kv = (randn(b, hkv, d), randn(b, hkv, d), positions, cos_sin, indices[indptr[1:] - 1])
         yield TuneCase(
             "decode_attention", attention.decode_attention_key(b, hq, hkv, d, kc.dtype),
-            lambda c, q=q, kc=kc, vc=vc, p=indptr, i=indices: attention.decode_attention(
-                q, kc, vc, 0, p, i, d**-0.5, c),
+            lambda c, q=q, kc=kc, vc=vc, p=indptr, i=indices, n=new_kv: attention.decode_attention(
+                q, kc, vc, 0, p, i, d**-0.5, c, new_kv=n),
             attention.CONFIG_SPACE["decode_attention"],
         )  # fmt: skip
         # cascade: the batch as one group sharing `context` keys, one key of its own each
