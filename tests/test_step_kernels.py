@@ -135,3 +135,6 @@ def test_decode_inputs_reference_is_the_op_by_op_build(seed, n, pad) -> None:
     ends = torch.tensor(kv_len).cumsum(0).tolist()
     assert kv_indptr.tolist() == [0, *ends, *range(total + 1, total + pad + 1)]
     assert torch.equal(kv_indices[:total], keys) and kv_indices[total : total + pad].tolist() == [0] * pad
+    # Decode attention with rope inside stores request b's new key at slot_mapping[b] and reads it back
+    # as the last of b's keys: the two must name the same slot.
+    assert [kv_indices[e - 1].item() for e in ends] == slots
