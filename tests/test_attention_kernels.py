@@ -229,7 +229,7 @@ def test_decode_rotates_and_stores_the_new_key_in_its_own_split():
         return store.fn(*args)
 
     with (
-        mock.patch.object(attention, "rope_store_kv", side_effect=AssertionError("launched")),
+        mock.patch.object(attention, "store_new_kv", side_effect=AssertionError("launched")),
         mock.patch.object(attention, "_store_new_kv", spy),
     ):
         _check(batch, {"BLOCK_N": 16, "num_splits": 4, "num_warps": 4, "num_stages": 1})

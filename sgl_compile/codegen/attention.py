@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sgl_compile.codegen import autotune, pdl
-from sgl_compile.codegen.rope import rope_store_kv, store_kv
+from sgl_compile.codegen.rope import store_new_kv
 
 Config = dict[str, int]
 _LOG2E = 1.4426950408889634
@@ -1103,15 +1103,11 @@ def paged_attention(
     decode = q.shape[0] == qo_indptr.shape[0] - 1
     cascade = cascade_indptr is not None and cascade_indptr.numel() > 0
     new_kv = None
-    if positions is not None:
+    if positions is not None and decode and not cascade:
         assert k is not None and v is not None and cos_sin_cache is not None
-        if decode and not cascade:
-            new_kv = (k, v, positions, cos_sin_cache, slot_mapping)
-        else:
-            q = rope_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
-        k = v = None
-    if k is not None and v is not None:
-        store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
+        new_kv = (k, v, positions, cos_sin_cache, slot_mapping)
+    else:
+        q = store_new_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
     if decode:
         return decode_attention(
             q, k_cache, v_cache, layer, kv_indptr, kv_indices, scale,

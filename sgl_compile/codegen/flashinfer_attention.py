@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from sgl_compile.codegen import attention as triton_attention
-from sgl_compile.codegen.rope import rope_store_kv, store_kv
+from sgl_compile.codegen.rope import store_new_kv
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +204,7 @@ class FlashinferAttention:
             )  # fmt: skip
         if self._active is None:
             raise RuntimeError("flashinfer attention ran before the step was planned")
-        if positions is not None:
-            q = rope_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
-            k = v = None
-        if k is not None and v is not None:
-            store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
+        q = store_new_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
         kv = (k_cache[layer].unsqueeze(1), v_cache[layer].unsqueeze(1))
         # The plan's softmax scale is 1/sqrt(head_dim); q_scale multiplies it into the program's.
         return self._active.run(q, kv, q_scale=scale / self._default_scale)

@@ -382,3 +382,24 @@ def rope_store_kv(
 
 
 rope_store_kv_key = rope_key
+
+
+def store_new_kv(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    positions: Tensor | None,
+    cos_sin_cache: Tensor | None,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    layer: int,
+    slot_mapping: Tensor,
+) -> Tensor:
+    """An attention launcher's first step: the step's new keys and values into the pool, rotated with
+    q first where `positions` is given (unrotated q and k); returns q as attention reads it."""
+    if positions is not None:
+        assert k is not None and v is not None and cos_sin_cache is not None
+        return rope_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, layer, slot_mapping)
+    if k is not None and v is not None:
+        store_kv(k, v, k_cache, v_cache, layer, slot_mapping)
+    return q
