@@ -1,17 +1,21 @@
 """A whole workload through the scheduler with a free stand-in model (any machine): the steps it takes,
 the prompt tokens it computes, the decode batches' sizes and cascade groups, and the host time.
 
-    python -m benchmarks.schedule_replay [--dataset generated-shared-prefix | random]
-        [--max-running-requests 256] [--cascade-attention on|off] [--disable-radix-cache]
-        [--chunked-prefill-size 8192] [--show-steps 0,300,600,900] [--out FILE]
+    python -m benchmarks.schedule_replay [--dataset generated-shared-prefix | random | fixed-1000]
+        [--max-running-requests 256] [--max-total-tokens N] [--cascade-attention on|off]
+        [--disable-radix-cache] [--chunked-prefill-size 8192] [--schedule-conservativeness 1.0]
+        [--cost-model llama-3.1-8b] [--show-steps 0,300,600,900] [--out FILE]
 
 What the GPU runs is decided here, so a change to scheduling can be judged without one: bar 4's workload
 (the default: 64 groups x 16 prompts, 2048 shared tokens + 128 of their own, 256 out; the chunk the H200
 gets) is a number of extend steps over the prompt tokens computed, then decode steps whose batch size
 and grouping set the attention kernels' work. `random` is bar 2's workload (Qwen3-0.6B shape:
-256 requests, 100-1024 tokens in and out). The model's logits are one constant block (as in
-host_overhead.py) and the KV pool holds one byte-sized value per slot, so the host time is the
-scheduler's own, without the CPU reference of the decode-inputs kernel (one launch on CUDA).
+256 requests, 100-1024 tokens in and out), `fixed-1000` bar 3's (512 requests of 1000 in, 1000 out).
+The model's logits are one constant block (as in host_overhead.py) and the KV pool holds one byte-sized
+value per slot, so the host time is the scheduler's own, without the CPU reference of the decode-inputs
+kernel (one launch on CUDA). With --cost-model, each step is also charged its time at the H100's
+ceilings for that model shape (as benchmarks/floors.py counts them): the floor of this schedule, where
+floors.py assumes the best one.
 """
 
 from __future__ import annotations
@@ -21,24 +25,64 @@ import gc
 import json
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from benchmarks.floors import DEVICES
 from benchmarks.host_overhead import ConstantLogits
 from sgl_compile.bench.datasets import random_dataset, shared_prefix_dataset
 from sgl_compile.driver import compile_model
+from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
 from sgl_compile.runtime import model_runner
+from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.launch import freeze_gc, thaw_gc
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
 from sgl_compile.runtime.scheduler import Scheduler, SchedulerConfig
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """A step's time at the H100's ceilings, as benchmarks/floors.py counts them: the GEMMs take the
+    longer of the weights read once and their FLOPs at the matmul ceiling; decode reads every request's
+    keys at the copy ceiling; an extend's attention runs its FLOPs at the matmul ceiling."""
+
+    weight_bytes: float
+    body_flops_per_token: float
+    head_flops_per_row: float
+    kv_bytes_per_token: float
+    attn_flops_per_pair: float
+
+    @staticmethod
+    def of(model: str) -> StepCost:
+        c = DUMMY_CONFIGS[model]
+        h, layers = c.hidden_size, c.num_layers
+        body = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
+        head = c.vocab_size * h
+        weights = (body + head + (0 if c.tie_word_embeddings else head)) * 2
+        kv = KVPool.bytes_per_token(layers, c.num_kv_heads, c.head_dim, torch.bfloat16)
+        return StepCost(weights, 2 * body, 2 * head, kv, 4 * layers * c.q_size)
+
+    def seconds(self, batch) -> float:
+        dev = DEVICES["h100"]
+        tokens = sum(s.length for s in batch)
+        flops = self.body_flops_per_token * tokens + self.head_flops_per_row * sum(
+            len(s.logit_positions) for s in batch
+        )
+        gemm = max(self.weight_bytes / dev.bandwidth, flops / dev.matmul)
+        pairs = sum(s.length * s.start + s.length * (s.length + 1) // 2 for s in batch)  # causal (query, key)
+        if tokens == len(batch):  # decode
+            return gemm + pairs * self.kv_bytes_per_token / dev.bandwidth
+        return gemm + pairs * self.attn_flops_per_pair / dev.matmul
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--dataset", choices=("generated-shared-prefix", "random"), default="generated-shared-prefix"
+        "--dataset",
+        choices=("generated-shared-prefix", "random", "fixed-1000"),
+        default="generated-shared-prefix",
     )
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--max-total-tokens", type=int, default=2_000_000)
@@ -48,6 +92,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--show-steps", default="0,300,600,900", help="decode steps whose grouping is printed")
+    ap.add_argument("--schedule-conservativeness", type=float, default=1.0)
+    ap.add_argument(
+        "--cost-model",
+        default=None,
+        help="a dummy model shape (e.g. llama-3.1-8b): the schedule's time at the H100's ceilings (floors.py)",
+    )
     ap.add_argument("--out", default=None)
     return ap
 
@@ -72,12 +122,15 @@ def _replay(args: argparse.Namespace) -> dict:
     tok = compiled.tokenizer
     if args.dataset == "random":
         data = random_dataset(tok, 256, 1024, 1024, 0.09765625)
+    elif args.dataset == "fixed-1000":
+        data = random_dataset(tok, 512, 1000, 1000)
     else:
         data = shared_prefix_dataset(tok, 64, 16, 2048, 128, 256)
     cfg = SchedulerConfig(
         max_total_tokens=args.max_total_tokens, context_length=4096, chunked_prefill_size=args.chunked_prefill_size,
         max_running_requests=args.max_running_requests, disable_radix_cache=args.disable_radix_cache,
         enable_cascade_attention=args.cascade_attention == "on",
+        schedule_conservativeness=args.schedule_conservativeness,
     )  # fmt: skip
     sched = Scheduler(compiled, cfg)
     freeze_gc()  # as the engine does once it serves
@@ -95,8 +148,12 @@ def _replay(args: argparse.Namespace) -> dict:
     decode_sizes: Counter[int] = Counter()
     groupings: dict[int, str] = {}
     run = sched.runner.run
+    cost = StepCost.of(args.cost_model) if args.cost_model else None
+    modeled = Counter()
 
     def recorded(batch):
+        if cost is not None:
+            modeled["extend" if any(s.length > 1 for s in batch) else "decode"] += cost.seconds(batch)
         if any(s.length > 1 for s in batch):
             extend["steps"] += 1
             extend["tokens"] += sum(s.length for s in batch)
@@ -150,6 +207,9 @@ def _replay(args: argparse.Namespace) -> dict:
         "gc_collections_by_generation": dict(sorted(collections.items())), "gc_s": collecting["s"],
         "gc_longest_ms": collecting["longest"] * 1e3,
     }  # fmt: skip
+    if cost is not None:
+        result.update(modeled_extend_s=modeled["extend"], modeled_decode_s=modeled["decode"],
+                      modeled_s=modeled["extend"] + modeled["decode"])  # fmt: skip
     return result
 
 

@@ -240,6 +240,33 @@ def test_bar_4s_workload_computes_each_prompt_token_once_and_groups_every_decode
     assert result["groupings"][600].startswith("256 requests: groups of 16 x13")
 
 
+def test_bar_3s_workload_runs_in_lockstep_waves_and_its_schedule_has_a_floor() -> None:
+    """Bar 3 (512 x 1000 in / 1000 out, ignore_eos) on the H100's KV pool of the 8B shape: admission
+    reserves each request's whole output, so the requests run in waves of 216, 216 and 80 that start
+    and end together; the cost model charges each step its bytes and FLOPs at the H100's ceilings."""
+    from types import SimpleNamespace
+
+    from benchmarks.floors import DEVICES
+    from benchmarks.schedule_replay import StepCost, parser, replay
+
+    args = ["--dataset", "fixed-1000", "--max-total-tokens", "432029", "--max-running-requests", "1024",
+            "--cascade-attention", "off", "--show-steps", "", "--cost-model", "llama-3.1-8b"]  # fmt: skip
+    result = replay(parser().parse_args(args))
+    assert result["decode_batch_sizes"] == {216: 1998, 80: 999} and result["num_retractions"] == 0
+    assert result["prompt_tokens_computed"] == 512 * 1000 - 6  # the 6 a cached prefix saved
+    cost, h100 = StepCost.of("llama-3.1-8b"), DEVICES["h100"]
+    assert 15e9 < cost.weight_bytes < 17e9 and cost.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+    # A decode step of two requests at 10 and 20 keys (their new tokens included): the weights (the
+    # GEMMs' FLOPs take less) and 30 keys at the copy ceiling.
+    step = [
+        SimpleNamespace(start=9, length=1, logit_positions=[9]),
+        SimpleNamespace(start=19, length=1, logit_positions=[19]),
+    ]
+    want = cost.weight_bytes / h100.bandwidth + 30 * cost.kv_bytes_per_token / h100.bandwidth
+    assert abs(cost.seconds(step) - want) < 1e-12
+    assert 55 < result["modeled_s"] < 62  # 512k tokens in ~59 s: ~8.7k tok/s is this schedule's floor
+
+
 def test_cuda_graph_buckets():
     """Steps of 8 up to 256, of 64 above (where padding costs little and each graph holds its own logits)."""
     from sgl_compile.runtime.cuda_graphs import batch_size_buckets
