@@ -13,6 +13,9 @@ second (deterministic).
 Per shape: 16 launches on weight copies cycled past L2 (as 16 layers) in one CUDA graph with PDL,
 median of 30 replays, µs a launch and GB/s; then the layer chain (qkv, o, gate/up, down x 16
 layers) with the engine's kernel against the best stream-K config of each shape.
+
+On the H100 (docs/benchmarks.md, 2026-12-07 sixth session) stream-K lost on every shape, and its best
+configs were those with the most programs: the engine's GEMV is not losing to a ragged wave.
 """
 
 from __future__ import annotations
