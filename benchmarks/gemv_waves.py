@@ -1,0 +1,111 @@
+"""Waves of the batch-1 GEMV grids on an H100, without a GPU: each projection's heuristic config is
+compiled for sm_90, ptxas reports its registers, and the SM's limits give the programs resident at once.
+
+    python benchmarks/gemv_waves.py [--models llama-3.2-1b,llama-3.1-8b] [--sms 132]
+
+A grid of more programs than fit at once runs a second, partial wave after the first programs end;
+with PDL, a kernel released at its start also takes slots from such a wave (docs/benchmarks.md, 2026-12-07
+third and sixth sessions). Residency: 64 warps, 32 programs, 64K registers (allocated per warp in
+units of 256) and 227 KB of shared memory a SM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sgl_compile.codegen import norm_linear  # noqa: E402
+from sgl_compile.models.loading.dummy import DUMMY_CONFIGS  # noqa: E402
+
+SM = {"warps": 64, "programs": 32, "registers": 65536, "smem": 227 * 1024}
+POINTERS = ("X", "R", "NW", "W", "B", "Out", "S")
+ALIGNED = (*POINTERS, "N", "K", "stride_xm", "stride_rm", "stride_wn", "stride_om", "stride_sm")
+
+
+def projections(model: str) -> list[tuple[str, int, int, str]]:
+    """(name, outputs, K, kind) of a decode step's GEMVs: kind is what the launcher fuses around it."""
+    c = DUMMY_CONFIGS[model]
+    h, inter = c.hidden_size, c.intermediate_size
+    return [
+        ("qkv", c.q_size + 2 * c.kv_size, h, "add_norm"),
+        ("o", h, c.q_size, "plain"),
+        ("gate_up", inter, h, "add_norm_gated"),
+        ("down", h, inter, "plain"),
+        ("lm_head", c.vocab_size, h, "norm"),
+    ]
+
+
+def registers(ptx: str) -> int:
+    """ptxas's register count for the kernel (the bundled ptxas that reads this Triton's PTX)."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        for name in ("ptxas-blackwell", "ptxas"):
+            run = subprocess.run(
+                [str(bin_dir / name), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+            )
+            found = re.search(r"Used (\d+) registers", run.stderr)
+            if found:
+                return int(found.group(1))
+    raise RuntimeError(f"no ptxas under {bin_dir} compiled the kernel: {run.stderr[-300:]}")
+
+
+def waves(model: str, sms: int) -> list[dict]:
+    fn = norm_linear._norm_gemv_kernel
+    rows = []
+    for name, n_out, k, kind in projections(model):
+        gated = kind.endswith("gated")
+        cfg = norm_linear._heuristic(n_out, k, torch.device("cpu"), gated)
+        bn, bk, warps = cfg["BLOCK_N"], min(cfg["BLOCK_K"], triton.next_power_of_2(k)), cfg["num_warps"]
+        consts = {
+            "HAS_NORM": kind != "plain", "HAS_RESIDUAL": kind.startswith("add"), "HAS_BIAS": False,
+            "SILU_MUL": gated, "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "PRECISION": "tf32", "PDL": True,
+        }  # fmt: skip
+        sig = {a: "constexpr" if a in consts else "*bf16" if a in POINTERS else "fp32" if a == "eps" else "i32"
+               for a in fn.arg_names}  # fmt: skip
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
+        src = ASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, attrs)
+        kernel = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}
+        )
+        regs, smem = registers(kernel.asm["ptx"]), kernel.metadata.shared
+        per_program = math.ceil(regs * 32 / 256) * 256 * warps
+        resident = min(SM["registers"] // per_program, SM["warps"] // warps, SM["programs"],
+                       SM["smem"] // smem if smem else SM["programs"])  # fmt: skip
+        grid = triton.cdiv(n_out, bn)
+        rows.append({"model": model, "projection": name, "BLOCK_N": bn, "BLOCK_K": bk, "warps": warps,
+                     "registers": regs, "smem": smem, "resident_per_sm": resident, "grid": grid,
+                     "waves": grid / (sms * resident)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
+    ap.add_argument("--sms", type=int, default=132)
+    args = ap.parse_args()
+    print("| model | projection | BLOCK_N x BLOCK_K, warps | registers | resident a SM | grid | waves |")
+    print("|---|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        for r in waves(model, args.sms):
+            print(f"| {r['model']} | {r['projection']} | {r['BLOCK_N']} x {r['BLOCK_K']}, {r['warps']} | "
+                  f"{r['registers']} | {r['resident_per_sm']} | {r['grid']} | {r['waves']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
