@@ -90,6 +90,32 @@ def test_installed_kernels_are_found_by_triton_after_the_compile_cache_is_gone(t
     assert not [p for p in local.iterdir() if p.name.startswith("tmp.")]
 
 
+def test_install_points_entries_installed_earlier_at_themselves(tmp_path) -> None:
+    """An entry installed before group files were relocated still names the compile's deleted cache:
+    installing the artifact again repairs it in place (Triton would compile it once more), and leaves
+    a group whose files exist, as Triton writes them, byte for byte."""
+    shipped = tmp_path / "artifact" / KERNELS
+    for name in ("OLD", "OK"):
+        (shipped / name).mkdir(parents=True)
+        (shipped / name / "k.cubin").write_text("binary")
+    local = tmp_path / "local"
+    stale = {"child_paths": {"k.cubin": str(tmp_path / "compile-tmp" / "OLD" / "k.cubin")}}
+    (local / "OLD").mkdir(parents=True)
+    (local / "OLD" / "k.cubin").write_text("binary")
+    (local / "OLD" / "__grp__k.json").write_text(json.dumps(stale))
+    # Triton's own group names its files by a valid path other than the resolved one
+    (tmp_path / "link").symlink_to(local, target_is_directory=True)
+    own = json.dumps({"child_paths": {"k.cubin": str(tmp_path / "link" / "OK" / "k.cubin")}}, indent=2)
+    (local / "OK").mkdir()
+    (local / "OK" / "k.cubin").write_text("binary")
+    (local / "OK" / "__grp__k.json").write_text(own)
+    assert kernel_cache.install(shipped, local) == 0  # nothing added: both are there
+    repaired = json.loads((local / "OLD" / "__grp__k.json").read_text())
+    assert repaired == {"child_paths": {"k.cubin": str((local / "OLD" / "k.cubin").resolve())}}
+    assert (local / "OK" / "__grp__k.json").read_text() == own
+    assert sorted(p.name for p in (local / "OLD").iterdir()) == ["__grp__k.json", "k.cubin"]  # no aside file
+
+
 def test_artifact_carries_the_kernels_it_is_given(tmp_path) -> None:
     compiled = compile_model(CompileOptions("dummy:smollm2-135m", "float32", "cpu"))
     src = tmp_path / "collected"

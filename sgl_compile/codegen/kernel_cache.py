@@ -70,21 +70,41 @@ def save(src: Path, dst: Path) -> int:
     return len(found)
 
 
-def _relocate_groups(entry: Path, home: Path) -> None:
-    """Point the entry's group files at `home`. A group file (`__grp__NAME.json`) lists the absolute
-    paths of a compilation's files (binary, metadata, ...), and Triton counts the group as missing,
-    so compiles again, unless every one of them exists. Shipped as written, they name the compile's
-    temporary cache, long deleted: each installed kernel was compiled again at its first launch (25 s
-    of an 8B start-up's 49 on the H100, docs/benchmarks.md)."""
+def _relocate_groups(entry: Path, home: Path, keep_valid: bool = False) -> bool:
+    """Point the entry's group files at `home`; whether any was rewritten. A group file
+    (`__grp__NAME.json`) lists the absolute paths of a compilation's files (binary, metadata, ...), and
+    Triton counts the group as missing, so compiles again, unless every one of them exists. Shipped as
+    written, they name the compile's temporary cache, long deleted: each installed kernel was compiled
+    again at its first launch (25 s of an 8B start-up's 49 on the H100, docs/benchmarks.md). Each file
+    is replaced whole (written aside, renamed), so a reader sees the old group or the new one;
+    `keep_valid` leaves a group whose files all exist as it is."""
+    rewritten = False
     for group in entry.glob("__grp__*.json"):
         try:
             data = json.loads(group.read_text())
         except (OSError, ValueError):  # unreadable: Triton counts it as a miss too, and recompiles
             continue
         paths = data.get("child_paths") if isinstance(data, dict) else None
-        if isinstance(paths, dict):
-            data["child_paths"] = {name: str(home / Path(p).name) for name, p in paths.items()}
-            group.write_text(json.dumps(data))
+        if not isinstance(paths, dict) or (keep_valid and all(Path(p).exists() for p in paths.values())):
+            continue
+        moved = {name: str(home / Path(p).name) for name, p in paths.items()}
+        if moved != paths:
+            data["child_paths"] = moved
+            aside = group.with_name(f"tmp.sglc.{uuid.uuid4().hex}")
+            aside.write_text(json.dumps(data))
+            os.replace(aside, group)
+            rewritten = True
+    return rewritten
+
+
+def _repair(entry: Path) -> bool:
+    """An entry already in the cache whose group files name another directory (installed before they
+    were relocated) gets them pointed at itself, where its files are; Triton would otherwise compile
+    the kernel once more into it. Entries Triton wrote itself already name their own files."""
+    try:
+        return _relocate_groups(entry, entry, keep_valid=True)
+    except OSError:  # a read-only or concurrently replaced entry: Triton's own miss handles it
+        return False
 
 
 def install(src: Path, dst: Path | None = None) -> int:
@@ -96,9 +116,11 @@ def install(src: Path, dst: Path | None = None) -> int:
     dst.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     added = 0
+    repaired = 0
     for entry in entries(src):
         target = dst / entry.name
         if target.exists():
+            repaired += _repair(target)
             continue
         partial = dst / f"tmp.sglc.{uuid.uuid4().hex}"
         try:
@@ -108,6 +130,9 @@ def install(src: Path, dst: Path | None = None) -> int:
             added += 1
         except OSError:  # another process installed it first (or the copy failed): leave no private copy
             shutil.rmtree(partial, ignore_errors=True)
-    if added:
-        log.info("installed %d compiled kernels into %s in %.2fs", added, dst, time.perf_counter() - start)
+    if added or repaired:
+        log.info(
+            "installed %d compiled kernels into %s in %.2fs (%d installed earlier pointed at themselves)",
+            added, dst, time.perf_counter() - start, repaired,
+        )  # fmt: skip
     return added
