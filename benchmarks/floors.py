@@ -64,14 +64,33 @@ def _mean_sq(r: tuple[int, int]) -> float:
     return sum(x * x for x in range(lo, hi + 1)) / (hi - lo + 1)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a model shape costs: parameters of the layers' GEMMs and of the LM head, the weight bytes
+    a step reads, the KV bytes of a token, and attention's FLOPs per (query, key) pair."""
+
+    body: int
+    head: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    attn_flops_per_pair: int
+
+    @staticmethod
+    def of(model: str, dtype: torch.dtype = torch.bfloat16) -> Shape:
+        c = DUMMY_CONFIGS[model]
+        h, layers = c.hidden_size, c.num_layers
+        body = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
+        head = c.vocab_size * h
+        weights = (body + head + (0 if c.tie_word_embeddings else head)) * dtype.itemsize
+        kv = KVPool.bytes_per_token(layers, c.num_kv_heads, c.head_dim, dtype)
+        return Shape(body, head, weights, kv, 4 * layers * c.q_size)  # QK^T and PV
+
+
 def floor(w: Workload, dev: Device, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    c = DUMMY_CONFIGS[w.model]
-    h, layers = c.hidden_size, c.num_layers
-    body = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
-    head = c.vocab_size * h
-    weights = (body + head + (0 if c.tie_word_embeddings else head)) * dtype.itemsize
-    kv_per_token = KVPool.bytes_per_token(layers, c.num_kv_heads, c.head_dim, dtype)
-    attn = 4 * layers * c.q_size  # FLOPs per (query, key) pair: QK^T and PV
+    s = Shape.of(w.model, dtype)
+    body, head, weights, kv_per_token, attn = (
+        s.body, s.head, s.weight_bytes, s.kv_bytes_per_token, s.attn_flops_per_pair
+    )  # fmt: skip
     n, mean_in, mean_out = w.num_prompts, _mean(w.input_len), _mean(w.output_len)
     out_tokens = n * mean_out
     # Prefill: every prompt token through the body, causal attention, one logits row per request.

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.pdl_chain import replay_us
 from sgl_compile.codegen import norm_linear, pdl
 
 DEV, DT = "cuda", torch.bfloat16
@@ -150,17 +151,8 @@ def timed_us(launches, reps: int = 30) -> float:
     with torch.cuda.graph(g):
         for f in launches:
             f()
-    for _ in range(5):
-        g.replay()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1000 / len(launches))
-    return sorted(times)[len(times) // 2]
+    times = replay_us(g, warmup=5, reps=reps)
+    return times[len(times) // 2] / len(launches)
 
 
 def configs(k: int, gated: bool, quick: bool) -> list[dict]:

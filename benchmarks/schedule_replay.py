@@ -29,13 +29,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from benchmarks.floors import DEVICES
+from benchmarks.floors import DEVICES, Shape
 from benchmarks.host_overhead import ConstantLogits
 from sgl_compile.bench.datasets import random_dataset, shared_prefix_dataset
 from sgl_compile.driver import compile_model
-from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
 from sgl_compile.runtime import model_runner
-from sgl_compile.runtime.kv_pool import KVPool
 from sgl_compile.runtime.launch import freeze_gc, thaw_gc
 from sgl_compile.runtime.request import Req
 from sgl_compile.runtime.sampling_params import SamplingParams
@@ -48,33 +46,21 @@ class StepCost:
     longer of the weights read once and their FLOPs at the matmul ceiling; decode reads every request's
     keys at the copy ceiling; an extend's attention runs its FLOPs at the matmul ceiling."""
 
-    weight_bytes: float
-    body_flops_per_token: float
-    head_flops_per_row: float
-    kv_bytes_per_token: float
-    attn_flops_per_pair: float
+    shape: Shape
 
     @staticmethod
     def of(model: str) -> StepCost:
-        c = DUMMY_CONFIGS[model]
-        h, layers = c.hidden_size, c.num_layers
-        body = layers * (h * (c.q_size + 2 * c.kv_size) + c.q_size * h + 3 * h * c.intermediate_size)
-        head = c.vocab_size * h
-        weights = (body + head + (0 if c.tie_word_embeddings else head)) * 2
-        kv = KVPool.bytes_per_token(layers, c.num_kv_heads, c.head_dim, torch.bfloat16)
-        return StepCost(weights, 2 * body, 2 * head, kv, 4 * layers * c.q_size)
+        return StepCost(Shape.of(model))
 
     def seconds(self, batch) -> float:
-        dev = DEVICES["h100"]
-        tokens = sum(s.length for s in batch)
-        flops = self.body_flops_per_token * tokens + self.head_flops_per_row * sum(
-            len(s.logit_positions) for s in batch
-        )
-        gemm = max(self.weight_bytes / dev.bandwidth, flops / dev.matmul)
-        pairs = sum(s.length * s.start + s.length * (s.length + 1) // 2 for s in batch)  # causal (query, key)
+        dev, s = DEVICES["h100"], self.shape
+        tokens = sum(r.length for r in batch)
+        flops = 2 * s.body * tokens + 2 * s.head * sum(len(r.logit_positions) for r in batch)
+        gemm = max(s.weight_bytes / dev.bandwidth, flops / dev.matmul)
+        pairs = sum(r.length * r.start + r.length * (r.length + 1) // 2 for r in batch)  # causal (query, key)
         if tokens == len(batch):  # decode
-            return gemm + pairs * self.kv_bytes_per_token / dev.bandwidth
-        return gemm + pairs * self.attn_flops_per_pair / dev.matmul
+            return gemm + pairs * s.kv_bytes_per_token / dev.bandwidth
+        return gemm + pairs * s.attn_flops_per_pair / dev.matmul
 
 
 def parser() -> argparse.ArgumentParser:

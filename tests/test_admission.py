@@ -255,14 +255,14 @@ def test_bar_3s_workload_runs_in_lockstep_waves_and_its_schedule_has_a_floor() -
     assert result["decode_batch_sizes"] == {216: 1998, 80: 999} and result["num_retractions"] == 0
     assert result["prompt_tokens_computed"] == 512 * 1000 - 6  # the 6 a cached prefix saved
     cost, h100 = StepCost.of("llama-3.1-8b"), DEVICES["h100"]
-    assert 15e9 < cost.weight_bytes < 17e9 and cost.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+    assert 15e9 < cost.shape.weight_bytes < 17e9 and cost.shape.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
     # A decode step of two requests at 10 and 20 keys (their new tokens included): the weights (the
     # GEMMs' FLOPs take less) and 30 keys at the copy ceiling.
     step = [
         SimpleNamespace(start=9, length=1, logit_positions=[9]),
         SimpleNamespace(start=19, length=1, logit_positions=[19]),
     ]
-    want = cost.weight_bytes / h100.bandwidth + 30 * cost.kv_bytes_per_token / h100.bandwidth
+    want = cost.shape.weight_bytes / h100.bandwidth + 30 * cost.shape.kv_bytes_per_token / h100.bandwidth
     assert abs(cost.seconds(step) - want) < 1e-12
     assert 55 < result["modeled_s"] < 62  # 512k tokens in ~59 s: ~8.7k tok/s is this schedule's floor
 
