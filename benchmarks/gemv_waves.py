@@ -1,18 +1,16 @@
 """Waves of the batch-1 GEMV grids on an H100, without a GPU: each projection's heuristic config is
 compiled for sm_90, ptxas reports its registers, and the SM's limits give the programs resident at once.
 
-    python benchmarks/gemv_waves.py [--models llama-3.2-1b,llama-3.1-8b] [--sms 132]
+    python -m benchmarks.gemv_waves [--models llama-3.2-1b,llama-3.1-8b] [--sms 132]
 
 A grid of more programs than fit at once runs a second, partial wave after the first programs end;
 with PDL, a kernel released at its start also takes slots from such a wave (docs/benchmarks.md, 2026-12-07
-third and sixth sessions). Residency: 64 warps, 32 programs, 64K registers (allocated per warp in
-units of 256) and 227 KB of shared memory a SM.
+third and sixth sessions). Residency: `benchmarks/occupancy.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import subprocess
@@ -26,10 +24,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.occupancy import resident_programs  # noqa: E402
 from sgl_compile.codegen import norm_linear  # noqa: E402
 from sgl_compile.models.loading.dummy import DUMMY_CONFIGS  # noqa: E402
 
-SM = {"warps": 64, "programs": 32, "registers": 65536, "smem": 227 * 1024}
 POINTERS = ("X", "R", "NW", "W", "B", "Out", "S")
 ALIGNED = (*POINTERS, "N", "K", "stride_xm", "stride_rm", "stride_wn", "stride_om", "stride_sm")
 
@@ -84,9 +82,7 @@ def waves(model: str, sms: int) -> list[dict]:
             src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}
         )
         regs, smem = registers(kernel.asm["ptx"]), kernel.metadata.shared
-        per_program = math.ceil(regs * 32 / 256) * 256 * warps
-        resident = min(SM["registers"] // per_program, SM["warps"] // warps, SM["programs"],
-                       SM["smem"] // smem if smem else SM["programs"])  # fmt: skip
+        resident = resident_programs(regs, warps, smem)
         grid = triton.cdiv(n_out, bn)
         rows.append({"model": model, "projection": name, "BLOCK_N": bn, "BLOCK_K": bk, "warps": warps,
                      "registers": regs, "smem": smem, "resident_per_sm": resident, "grid": grid,

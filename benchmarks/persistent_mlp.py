@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,12 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.occupancy import resident_programs
 from benchmarks.pdl_chain import replay_us
 from sgl_compile.codegen import norm_linear, pdl
 
 DT = torch.bfloat16
 EPS = 1e-5
-SM_LIMITS = {"warps": 64, "programs": 32, "registers": 65536, "smem": 227 * 1024}
 SHAPES = {"llama-3.2-1b": (2048, 8192, 3072), "llama-3.1-8b": (4096, 14336, 6144)}  # hidden, inter, qkv
 
 
@@ -213,18 +212,6 @@ class Config:
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _resident(kernel, warps: int) -> int:
-    regs = kernel.n_regs
-    per_program = math.ceil(regs * 32 / 256) * 256 * warps
-    smem = kernel.metadata.shared
-    return min(
-        SM_LIMITS["registers"] // per_program,
-        SM_LIMITS["warps"] // warps,
-        SM_LIMITS["programs"],
-        SM_LIMITS["smem"] // smem if smem else SM_LIMITS["programs"],
-    )
-
-
 @dataclass
 class Fused:
     """The persistent launch of a Config: every program resident at once (a cooperative launch where
@@ -270,7 +257,7 @@ class Fused:
             kernel._init_handles()
             self.regs = kernel.n_regs
             sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-            self.grid = sms * _resident(kernel, self.cfg.warps)
+            self.grid = sms * resident_programs(kernel.n_regs, self.cfg.warps, kernel.metadata.shared)
         _o_mlp_kernel[(self.grid,)](*args, **flags, **extra)
 
 
