@@ -8,8 +8,9 @@ The question: the engine's batch-1 GEMVs lose 2-3 µs each to the boundary with 
 the LM head's 3.15), and neither configs, balance nor an early weight load removed it. Here the o
 GEMV, the residual add + RMS norm + gate/up GEMV + SiLU, and the down GEMV run as three phases of one
 kernel whose programs are all resident at once (a cooperative launch checks it). Between phases each
-program arrives at a grid-wide counter and, before spinning on it, issues the load of its first
-weight tile of the next phase (weights are constants), so HBM keeps streaming through the boundary.
+program arrives at a grid-wide counter and, before spinning on it, may issue its first weight tile
+of the next phase (weights are constants) into registers or into L2, so HBM keeps streaming through
+the boundary.
 Each phase's tile is the engine GEMV's (norm_linear._norm_gemv_kernel): the same dot products in the
 same order, so the results match the engine's launches bit for bit where the tiles match.
 
@@ -18,8 +19,8 @@ PDL, median of 30 replays, the engine's launches against the persistent kernel o
 configs, with o fused or left as its own launch; each variant's last output is checked against the
 engine's.
 
-On the H100 (docs/benchmarks.md, 2026-12-07 seventh session) every variant lost: the best, o apart
-with the down tile prefetched into L2, by 1.7 µs a layer on the 1B and 2.1 on the 8B. One register
+On the H100 (docs/benchmarks.md, 2026-12-07 seventh session) every variant lost: the best by 1.8 µs a
+layer on the 1B (o apart, the down tile prefetched into L2) and 2.5 on the 8B (o apart, no preload). One register
 budget for all phases (the gated phase's) leaves 4 programs a SM where the separate kernels keep
 5-12, and a preload held in registers across the barrier halves that again.
 """
