@@ -20,7 +20,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.pdl_chain import replay_us
+from benchmarks.pdl_chain import timed_us
 from sgl_compile.codegen import quant_gemm
 from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
 
@@ -48,18 +48,6 @@ def configs() -> list[dict]:
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8,
                     "num_warps": warps, "num_stages": stages})  # fmt: skip
     return out
-
-
-def timed_us(launches, reps: int = 30) -> float:
-    for f in launches:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in launches:
-            f()
-    times = replay_us(g, warmup=5, reps=reps)
-    return times[len(times) // 2] / len(launches)
 
 
 def triton_linear(x, w, ones, cfg) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.pdl_chain import replay_us
+from benchmarks.pdl_chain import timed_us
 from sgl_compile.codegen import norm_linear, pdl
 
 DEV, DT = "cuda", torch.bfloat16
@@ -140,19 +140,6 @@ def streamk_gemv(
 
 def engine_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, gated: bool) -> None:
     norm_linear._fused(x, None, None, 0.0, w, None, "silu_and_mul" if gated else "none", None, out)
-
-
-def timed_us(launches, reps: int = 30) -> float:
-    """Median µs of one replay of a graph of `launches` (callables), divided by their count."""
-    for f in launches:  # compile and warm outside the capture
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in launches:
-            f()
-    times = replay_us(g, warmup=5, reps=reps)
-    return times[len(times) // 2] / len(launches)
 
 
 def configs(k: int, gated: bool, quick: bool) -> list[dict]:

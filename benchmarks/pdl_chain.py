@@ -60,6 +60,19 @@ def replay_us(graph: torch.cuda.CUDAGraph, warmup: int = 20, reps: int = 50) -> 
     return sorted(times)
 
 
+def timed_us(launches, reps: int = 30) -> float:
+    """Median µs of one replay of a graph of `launches` (callables), divided by their count."""
+    for f in launches:  # compile and warm outside the capture
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in launches:
+            f()
+    times = replay_us(g, warmup=5, reps=reps)
+    return times[len(times) // 2] / len(launches)
+
+
 def _config(n: int, k: int) -> tuple[int, int, int]:
     """The engine's one-row heuristic of the time (norm_linear._heuristic, plain, 132 SMs)."""
     bn = 1
