@@ -21,6 +21,7 @@ configs = st.sampled_from(
         {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},  # fp32 tiles fit in smem
         {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},  # decode's narrow blocks
         {"BLOCK_N": 1, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},  # (widened to 16 for 2+ rows)
+        {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},  # decode batches
     ]
 )
 
@@ -51,7 +52,7 @@ def _bounds(x, residual, norm_w, eps, w, bias, activation, out):
 @settings(max_examples=20, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
-    m=st.sampled_from([1, 3, 16]),
+    m=st.sampled_from([1, 3, 16, 37]),  # 37: several row tiles
     n=st.sampled_from([16, 40, 96]),
     k=st.sampled_from([32, 72, 200]),
     dtype=st.sampled_from(DTYPES),
@@ -93,7 +94,7 @@ def _linear_bound(x, w, bias, ref):
 @settings(max_examples=10, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
-    m=st.sampled_from([1, 5, 16]),
+    m=st.sampled_from([1, 5, 16, 37]),
     n=st.sampled_from([16, 40]),
     k=st.sampled_from([32, 200]),
     dtype=st.sampled_from(DTYPES),

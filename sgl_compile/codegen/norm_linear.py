@@ -5,15 +5,16 @@ Layouts: x (and residual) [..., K] with unit stride along K, viewed as rows [M, 
 weight row-major [N, K] (nn.Linear's); bias [N] or None; out [..., N] (silu_and_mul: [..., N / 2],
 gate rows first, up rows second, as the merged gate/up weight is stacked).
 
-Batch-1 decode steps (`fusable`; a passed config forces it, up to 16 rows): one kernel per op. Each
-program owns BLOCK_N output columns of every row and walks K once: it accumulates each row's sum of
+Batch-1 decode steps (`fusable`; a passed config forces it at any row count): one kernel per op. Each
+program owns BLOCK_N output columns of every row (of one BLOCK_M-row tile where there are more rows:
+a second grid axis) and walks K once: it accumulates each row's sum of
 squares of x (+ residual) and the dot products of x * norm weight with its BLOCK_N weight rows, and
 scales those by the row's rstd at the end (rstd is one scalar per row, so it factors out of the dot
 product). So the weight stream starts at the first instruction, with no norm pass before it; every
-program recomputes the norm's sum (M x K FLOPs against N x K weight bytes streamed). Program 0
-writes the residual sum. With silu_and_mul each program also owns the matching up rows and applies
-the gate before storing. One row (batch-1 decode) multiplies in fp32 on CUDA cores; 2..16 rows take
-a 16-row MMA tile, its input x * norm weight rounded to x's dtype. Against the reference (normed row
+program recomputes the norm's sum (M x K FLOPs against N x K weight bytes streamed). The first
+program of each row tile writes its residual sums. With silu_and_mul each program also owns the matching up rows and applies
+the gate before storing. One row (batch-1 decode) multiplies in fp32 on CUDA cores; more take an
+MMA tile of >= 16 rows (the config's BLOCK_M, else 16), its input x * norm weight rounded to x's dtype. Against the reference (normed row
 rounded, times the norm weight rounded) that moves where the GEMM input is rounded: one rounding of
 x * w instead of two, then the fp32 rstd, so the result may differ by about one more rounding of the
 GEMM input. The residual sum, the GEMM output in x's dtype and silu rounded before the multiply are
@@ -146,6 +147,8 @@ def _norm_gemv_kernel(
     pid = tl.program_id(0)
     dtype = X.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
+    if BLOCK_M > 1:  # rows past one tile: the grid's second axis takes the next tiles
+        offs_m += tl.program_id(1) * BLOCK_M
     mask_m = offs_m < M
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -237,11 +240,12 @@ def _fused(
     out2 = out.view(-1, n_out)
     summed = torch.empty_like(x) if residual is not None else None
     s2 = summed.view(-1, k) if summed is not None else x2
-    block_m = 1 if x2.shape[0] == 1 else 16  # 16: the smallest tile `tl.dot` takes
+    # 16: the smallest tile `tl.dot` takes; a config may name a larger one (decode batches)
+    block_m = 1 if x2.shape[0] == 1 else max(16, config.get("BLOCK_M", 16))
     block_n, block_k = config["BLOCK_N"], min(config["BLOCK_K"], triton.next_power_of_2(k))
     if block_m > 1:  # a one-row config forced onto more rows: the MMA's minimum tile
         block_n, block_k = max(16, block_n), max(16, block_k)
-    _norm_gemv_kernel[(triton.cdiv(n_out, block_n),)](
+    _norm_gemv_kernel[(triton.cdiv(n_out, block_n), triton.cdiv(x2.shape[0], block_m))](
         x2,
         r2,
         norm_weight if norm_weight is not None else weight,
