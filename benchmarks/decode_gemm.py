@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.pdl_chain import timed_us
-from sgl_compile.codegen import activation, norm, norm_linear, quant_gemm
+from sgl_compile.codegen import norm_linear, quant_gemm
 from sgl_compile.models.loading.dummy import DUMMY_CONFIGS
 
 DT = torch.bfloat16
@@ -76,15 +76,10 @@ def triton_linear(x, w, ones, cfg) -> torch.Tensor:
     return quant_gemm._gemm(x, x.dtype, w, ones, None, None, w.shape[1], cfg)
 
 
-def engine_chain(x, r, nw, w, normed: bool, act: str) -> torch.Tensor:
-    """The engine's launches at M > 1: the Triton add + norm, cuBLAS, the Triton gate."""
-    if normed:
-        x, _ = norm.fused_add_rms_norm(x, r, nw, 1e-6)
-    y = F.linear(x, w)
-    return activation.silu_and_mul(y) if act == "silu_and_mul" else y
-
-
-def fused_chain(x, r, nw, w, normed: bool, act: str, cfg: dict) -> torch.Tensor:
+def projection(x, r, nw, w, normed: bool, act: str, cfg: dict | None = None) -> torch.Tensor:
+    """The projection with what the engine fuses around it, through the engine's own entry points:
+    with cfg None as it dispatches at M > 1 (the Triton add + norm, cuBLAS, the Triton gate), with a
+    cfg forced onto norm_linear's kernel in one launch."""
     if normed:
         return norm_linear.add_rms_norm_linear(x, r, nw, 1e-6, w, None, act, cfg)[0]
     return norm_linear.linear(x, w, None, cfg)
@@ -131,10 +126,10 @@ def measure(model: str, rows: list[int]) -> list[dict]:
             # The projection with the engine's launches around it, against one fused launch.
             normed, act = KINDS[name]
             r, nw = torch.randn(m, k, device="cuda", dtype=DT), torch.rand(k, device="cuda", dtype=DT) + 0.5
-            row["engine_us"] = timed_us([partial(engine_chain, x, r, nw, w, normed, act) for w in layers])
-            fused = best_of(partial(fused_chain, x, r, nw, normed=normed, act=act), layers, fused_configs())
-            want = engine_chain(x, r, nw, layers[-1], normed, act)
-            got = fused_chain(x, r, nw, layers[-1], normed, act, fused[1])
+            row["engine_us"] = timed_us([partial(projection, x, r, nw, w, normed, act) for w in layers])
+            fused = best_of(partial(projection, x, r, nw, normed=normed, act=act), layers, fused_configs())
+            want = projection(x, r, nw, layers[-1], normed, act)
+            got = projection(x, r, nw, layers[-1], normed, act, fused[1])
             row.update(fused_us=fused[0], fused_cfg=fused[1],
                        fused_max_diff=(got.float() - want.float()).abs().max().item())  # fmt: skip
             out.append(row)

@@ -7,18 +7,18 @@ gate rows first, up rows second, as the merged gate/up weight is stacked).
 
 Batch-1 decode steps (`fusable`; a passed config forces it at any row count): one kernel per op. Each
 program owns BLOCK_N output columns of every row (of one BLOCK_M-row tile where there are more rows:
-a second grid axis) and walks K once: it accumulates each row's sum of
-squares of x (+ residual) and the dot products of x * norm weight with its BLOCK_N weight rows, and
-scales those by the row's rstd at the end (rstd is one scalar per row, so it factors out of the dot
-product). So the weight stream starts at the first instruction, with no norm pass before it; every
-program recomputes the norm's sum (M x K FLOPs against N x K weight bytes streamed). The first
-program of each row tile writes its residual sums. With silu_and_mul each program also owns the matching up rows and applies
-the gate before storing. One row (batch-1 decode) multiplies in fp32 on CUDA cores; more take an
-MMA tile of >= 16 rows (the config's BLOCK_M, else 16), its input x * norm weight rounded to x's dtype. Against the reference (normed row
-rounded, times the norm weight rounded) that moves where the GEMM input is rounded: one rounding of
-x * w instead of two, then the fp32 rstd, so the result may differ by about one more rounding of the
-GEMM input. The residual sum, the GEMM output in x's dtype and silu rounded before the multiply are
-the reference's.
+a second grid axis) and walks K once: it accumulates each row's sum of squares of x (+ residual) and
+the dot products of x * norm weight with its BLOCK_N weight rows, and scales those by the row's rstd
+at the end (rstd is one scalar per row, so it factors out of the dot product). So the weight stream
+starts at the first instruction, with no norm pass before it; every program recomputes the norm's
+sum (M x K FLOPs against N x K weight bytes streamed). The first program of each row tile writes its
+residual sums. With silu_and_mul each program also owns the matching up rows and applies the gate
+before storing. One row (batch-1 decode) multiplies in fp32 on CUDA cores; more take an MMA tile of
+>= 16 rows (the config's BLOCK_M, else 16), its input x * norm weight rounded to x's dtype. Against
+the reference (normed row rounded, times the norm weight rounded) that moves where the GEMM input is
+rounded: one rounding of x * w instead of two, then the fp32 rstd, so the result may differ by about
+one more rounding of the GEMM input. The residual sum, the GEMM output in x's dtype and silu rounded
+before the multiply are the reference's.
 
 More rows, fp32 (whose reference GEMM is an IEEE fp32 matmul), or anything else: the unfused kernels
 (the Triton norm, cuBLAS, the Triton gate), so prefill runs exactly what it ran before the fusion.
