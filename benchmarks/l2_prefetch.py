@@ -44,10 +44,7 @@ LINE = 128  # bytes per L2 line request
 
 @triton.jit
 def _prefetch_lines(Base, rows, row_stride, lines_per_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program p issues `prefetch.global.L2` for its share of the lines of `rows` row prefixes.
-    On the main stream it releases before its wait, against pdl.py's contract, to take no time: it
-    touches nothing written, and the kernel after it reads before its own wait only what kernels
-    before the qkv projection wrote (decode attention's tables and older keys)."""
+    """Program p issues `prefetch.global.L2` for its share of the lines of `rows` row prefixes."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     Base = Base.to(tl.pointer_type(tl.uint8))  # strides are in bytes
@@ -68,8 +65,7 @@ def _prefetch_lines(Base, rows, row_stride, lines_per_row, BLOCK: tl.constexpr, 
 
 @triton.jit
 def _prefetch_bulk(Base, rows, row_stride, row_bytes, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """One `cp.async.bulk.prefetch.L2` per row prefix (row_bytes: a multiple of 16, <= 2**20); released
-    early as `_prefetch_lines` is."""
+    """One `cp.async.bulk.prefetch.L2` per row prefix (row_bytes: a multiple of 16, <= 2**20)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     Base = Base.to(tl.pointer_type(tl.uint8))  # strides are in bytes

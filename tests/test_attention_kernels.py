@@ -179,14 +179,12 @@ def test_extend_matches_reference(
     store_new=st.sampled_from(["no", "yes", "rope"]),
     num_splits=st.sampled_from([1, 2, 3, 4, 8]),
     block_n=st.sampled_from([16, 32]),
-    preload=st.booleans(),
 )
 def test_decode_matches_reference(
-    seed, prefix_lens, empty_requests, heads, head_dim, dtype, store_new, num_splits, block_n, preload
+    seed, prefix_lens, empty_requests, heads, head_dim, dtype, store_new, num_splits, block_n
 ):
     """store_new "rope": the split holding each request's new key rotates and stores it (padding
-    requests, slot -1, store nothing) and every split rotates its q; with `preload`, each split's
-    first keys load before the kernel stores the new one."""
+    requests, slot -1, store nothing) and every split rotates its q."""
     new_lens = [1] * len(prefix_lens)
     batch = _batch(seed, prefix_lens, new_lens, *heads, head_dim, dtype, empty_requests=empty_requests)
     if store_new == "rope":
@@ -197,8 +195,7 @@ def test_decode_matches_reference(
         "num_warps": 4,
         "num_stages": 1,
     }
-    with mock.patch.object(attention, "PRELOAD_KEYS", preload):
-        _check(batch, config, store_new != "no")
+    _check(batch, config, store_new != "no")
 
 
 def test_decode_splits_merge_in_kernel_and_reset_their_counters():
@@ -237,29 +234,6 @@ def test_decode_rotates_and_stores_the_new_key_in_its_own_split():
     ):
         _check(batch, {"BLOCK_N": 16, "num_splits": 4, "num_warps": 4, "num_stages": 1})
     assert sorted(stores) == [(b, h, owners[b]) for b in range(5) for h in range(2)]
-
-
-@pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_decode_new_key_in_the_first_or_a_later_tile_of_its_split(num_splits):
-    """With PRELOAD, the rope path loads each split's first tile of keys before it stores the new key, so
-    where that tile holds the new slot it must use the key it stores, not the pool's stale one (the
-    batch's cache is random). With 16-key tiles, 6 keys put the new key in its split's first tile at
-    every split count and 90 in a later one; 21 and 41 move from a later tile (1 split) to a first."""
-    kv_lens = [6, 21, 41, 90]
-    batch = _with_rope(
-        _batch(11, [n - 1 for n in kv_lens], [1] * 4, 2, 2, 32, torch.float32, empty_requests=1), 11
-    )
-    with mock.patch.object(attention, "PRELOAD_KEYS", True):
-        _check(batch, {"BLOCK_N": 16, "num_splits": num_splits, "num_warps": 4, "num_stages": 1})
-
-    cdiv = lambda a, b: -(-a // b)  # noqa: E731
-
-    def new_key_tile(n: int) -> int:  # the new key's tile within its owner split (as the kernel splits)
-        chunk = cdiv(cdiv(n, num_splits), 16) * 16
-        return (n - 1) % chunk // 16
-
-    first_tile = [new_key_tile(n) == 0 for n in kv_lens]
-    assert first_tile == ([True, False, False, False] if num_splits == 1 else [True, True, True, False])
 
 
 def test_decode_wide_groups_merge_in_the_merge_kernel():
@@ -561,28 +535,17 @@ def test_gpu_cuda_graph_replay(decode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_decode_rotates_and_stores_the_new_key(dtype):
     """The compiled kernel's in-kernel rope and store (a CTA barrier orders the store before the split's
-    loads), without and with the first keys preloaded: heuristic configs, then a captured graph
-    replayed on other requests."""
-    for preload in (False, True):
-        with mock.patch.object(attention, "PRELOAD_KEYS", preload):
-            for seed, prefix_lens in enumerate([[4000, 17, 900, 0], [31, 127, 128, 129, 2000]]):
-                batch = _batch(
-                    seed,
-                    prefix_lens,
-                    [1] * len(prefix_lens),
-                    8,
-                    4,
-                    128,
-                    dtype,
-                    empty_requests=1,
-                    device="cuda",
-                )
-                _check(_with_rope(batch, seed, max_pos=4096), None)
-            first, second = (
-                _with_rope(_batch(s, p, [1, 1, 1], 2, 4, 128, torch.bfloat16, device="cuda"), s)
-                for s, p in enumerate(([100, 50, 7], [30, 120, 7]))
-            )
-            _check_graph_replay(first, second)
+    loads): heuristic configs, then a captured graph replayed on other requests."""
+    for seed, prefix_lens in enumerate([[4000, 17, 900, 0], [31, 127, 128, 129, 2000]]):
+        batch = _batch(
+            seed, prefix_lens, [1] * len(prefix_lens), 8, 4, 128, dtype, empty_requests=1, device="cuda"
+        )
+        _check(_with_rope(batch, seed, max_pos=4096), None)
+    first, second = (
+        _with_rope(_batch(s, p, [1, 1, 1], 2, 4, 128, torch.bfloat16, device="cuda"), s)
+        for s, p in enumerate(([100, 50, 7], [30, 120, 7]))
+    )
+    _check_graph_replay(first, second)
 
 
 @pytest.mark.gpu

@@ -27,7 +27,6 @@ fp32. Launch configs come from `autotune.get_config` (tuned winners, else the he
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from functools import cache
 
@@ -41,10 +40,6 @@ from sgl_compile.codegen.rope import store_new_kv
 
 Config = dict[str, int]
 _LOG2E = 1.4426950408889634
-# Decode attention's rope path loads its tables and first keys before its PDL wait: off until an
-# A/B on an H100 shows it wins (docs/benchmarks.md, 2026-12-07 ninth session); SGLC_DECODE_PRELOAD=1
-# turns it on for that A/B.
-PRELOAD_KEYS = os.environ.get("SGLC_DECODE_PRELOAD") == "1"
 
 # Candidates for a GPU tuner, per kernel (the heuristics below pick among the same knobs). Some
 # do not fit shared memory at wide head_dim / fp32 (Triton raises OutOfResources): skip those.
@@ -162,33 +157,6 @@ def _online_softmax_tile(
     l_i and output acc of q's rows; with MASK_SCORES, scores where not `visible` are dropped. Callers
     make sure each row sees a key in its first tile (the running max stays finite)."""
     k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0)
-    return _fold_tile(
-        q, m_i, l_i, acc, k, V, slot, kvh, kv_mask, visible, offs_d, sm_scale_log2, stride_vs, stride_vh,
-        MASK_SCORES, DOT_PRECISION,
-    )  # fmt: skip
-
-
-@triton.jit
-def _fold_tile(
-    q,
-    m_i,
-    l_i,
-    acc,
-    k,
-    V,
-    slot,
-    kvh,
-    kv_mask,
-    visible,
-    offs_d,
-    sm_scale_log2,
-    stride_vs,
-    stride_vh,
-    MASK_SCORES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """`_online_softmax_tile` with the tile's keys `k` already loaded (its values load here, after the
-    scores, so they are not live while the keys are)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
     if MASK_SCORES:
         s = tl.where(visible, s, float("-inf"))
@@ -208,14 +176,6 @@ def _split_chunk(length, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _split_range(first, end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split `split`'s keys lo:hi of first:end (empty, lo >= hi, past the last key)."""
-    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
-    lo = first + split * chunk
-    return lo, tl.minimum(lo + chunk, end)
-
-
-@triton.jit
 def _attend_split(
     q,
     K,
@@ -231,37 +191,25 @@ def _attend_split(
     stride_kh,
     stride_vs,
     stride_vh,
-    k_first,
-    slots_first,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PRELOADED: tl.constexpr,
 ):
     """q [ROWS, BLOCK_D] over split `split` of the keys first:end of kv_indices[kv_start:] (one KV head):
-    the split's normalized output, its log2-sum-exp (-inf when empty) and whether it holds any key.
-    With PRELOADED, the split's first tile of keys and their slots are `k_first` / `slots_first`
-    (loaded by the caller, masked past the split's end); otherwise those arguments are unused."""
+    the split's normalized output, its log2-sum-exp (-inf when empty) and whether it holds any key."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    lo, hi = _split_range(first, end, split, NUM_SPLITS, BLOCK_N)
+    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
+    lo = first + split * chunk
+    hi = tl.minimum(lo + chunk, end)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    loop_lo = lo
-    if PRELOADED:
-        loop_lo = lo + BLOCK_N
-        if lo < hi:  # (an empty split's scores would all be -inf: its running max must stay unset)
-            n_mask = lo + offs_n < hi
-            m_i, l_i, acc = _fold_tile(
-                q, m_i, l_i, acc, k_first, V, slots_first, kvh, n_mask[:, None] & d_mask[None, :],
-                n_mask[None, :], offs_d, sm_scale_log2, stride_vs, stride_vh, True, DOT_PRECISION,
-            )  # fmt: skip
-    for start in range(loop_lo, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_mask = n < hi
         slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
@@ -323,20 +271,21 @@ def _store_new_kv(
     stride_vh,
     HEAD_DIM: tl.constexpr,
 ):
-    """Request b's new key (rotated, rounded to its own dtype first as the reference's rope does) and
-    value for KV head kvh into the pool at `slot` (padding rows: < 0, nothing), visible to the whole
-    program when it returns. Returns the key row [1, BLOCK_D] in the pool's dtype (as stored)."""
+    """Request b's new key (rotated by `_rope_factors`' cos / sin, rounded to its own dtype first as the
+    reference's rope does) and value for KV head kvh into the pool at `slot` (padding rows: < 0,
+    nothing), visible to the whole program when it returns."""
     d_mask = (offs_d < HEAD_DIM)[None, :]
     src = KNew + b * stride_knb + kvh * stride_knh + offs_d[None, :]
-    k = _rotated(src, offs_d, d_mask, cos, sin, HEAD_DIM).to(KNew.dtype.element_ty).to(K.dtype.element_ty)
+    k = _rotated(src, offs_d, d_mask, cos, sin, HEAD_DIM).to(KNew.dtype.element_ty)
     store_mask = offs_d[None, :] < tl.where(slot >= 0, HEAD_DIM, 0)  # (padding: nothing stored)
-    tl.store(K + slot * stride_ks + kvh * stride_kh + offs_d[None, :], k, mask=store_mask)
+    tl.store(
+        K + slot * stride_ks + kvh * stride_kh + offs_d[None, :], k.to(K.dtype.element_ty), mask=store_mask
+    )
     v = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d[None, :], mask=store_mask)
     tl.store(
         V + slot * stride_vs + kvh * stride_vh + offs_d[None, :], v.to(V.dtype.element_ty), mask=store_mask
     )
     tl.debug_barrier()  # a CTA barrier orders its threads' global stores before their later loads
-    return k
 
 
 @triton.jit
@@ -387,13 +336,9 @@ def _decode_split_kernel(
     SKIP_SHARED: tl.constexpr,  # cascade: keys below SharedLen[b] are the shared-prefix kernel's
     FUSED_MERGE: tl.constexpr,  # no other partials: the splits merge themselves (else the merge kernel)
     ROPE: tl.constexpr,  # q and the new key arrive unrotated; the new key and value are stored here
-    PRELOAD: tl.constexpr,  # (with ROPE) the loads below that need no producer's output go before the wait
     PDL: tl.constexpr,
 ):
-    # With PRELOAD, what the producer of q and the new key (the qkv projection) does not write loads
-    # before the wait: the step's tables, the rope factors and the split's first tile of keys. Every
-    # kernel before that producer has completed by now (pdl.py's contract; a producer launched
-    # without PDL, cuBLAS at M > 1, has completed too), and those wrote the tables and older keys.
+    pdl.wait_for_producers(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -401,10 +346,7 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     heads = kvh * GROUP + offs_h
     h_mask = offs_h < GROUP
-    d_mask = offs_d < HEAD_DIM
-    out_mask = h_mask[:, None] & d_mask[None, :]
-    if not PRELOAD:
-        pdl.wait_for_producers(PDL)
+    out_mask = h_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     kv_start = tl.load(KvIndptr + b)
     kv_len = tl.load(KvIndptr + b + 1) - kv_start
@@ -419,50 +361,32 @@ def _decode_split_kernel(
     if FUSED_MERGE:
         active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N), 1))
         direct = active <= 1
-    k_first = tl.zeros([BLOCK_N, BLOCK_D], K.dtype.element_ty)  # (without PRELOAD: unused)
-    slots_first = tl.zeros([BLOCK_N], tl.int64)
-    if PRELOAD:
-        cos, sin = _rope_factors(CosSin + tl.load(Positions + b).to(tl.int64) * stride_cos, offs_d, HEAD_DIM)
-        new_slot = tl.load(Slots + b).to(tl.int64)
-        lo, hi = _split_range(first, kv_len, split, NUM_SPLITS, BLOCK_N)  # (empty for inactive splits)
-        n = lo + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        slots_first = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
-        k_first = tl.load(
-            K + slots_first[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :],
-            mask=n_mask[:, None] & d_mask[None, :],
-            other=0,
-        )
-        pdl.wait_for_producers(PDL)
     if split < tl.maximum(active, 1):
         q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
         if ROPE:
-            if not PRELOAD:  # (loaded above with PRELOAD; here only by splits that hold keys)
-                cos, sin = _rope_factors(
-                    CosSin + tl.load(Positions + b).to(tl.int64) * stride_cos, offs_d, HEAD_DIM
-                )
-                new_slot = tl.load(Slots + b).to(tl.int64)
+            # The factors and the new key's slot load once, up front, for q and the new key: in the
+            # owner split each would otherwise be a round trip before its store.
+            cos, sin = _rope_factors(
+                CosSin + tl.load(Positions + b).to(tl.int64) * stride_cos, offs_d, HEAD_DIM
+            )
+            new_slot = tl.load(Slots + b).to(tl.int64)
             q = _rotated(q_ptrs, offs_d, out_mask, cos, sin, HEAD_DIM).to(Q.dtype.element_ty)
             # The request's new token is its last key: the split whose range holds it rotates and
-            # stores it (and its value); no other split reads that slot. With PRELOAD its first tile
-            # of keys, loaded before the store, may hold that slot's stale key: the stored one is
-            # swapped in (later tiles load after the store).
+            # stores it (and its value) before reading its keys; no other split reads that slot.
             length = kv_len - first
             owner = (length - 1) // tl.maximum(_split_chunk(length, NUM_SPLITS, BLOCK_N), 1)
             if (length > 0) & (split == owner):
-                k_new = _store_new_kv(
+                _store_new_kv(
                     KNew, VNew, K, V, new_slot, b, kvh, cos, sin, offs_d, stride_knb, stride_knh,
                     stride_vnb, stride_vnh, stride_ks, stride_kh, stride_vs, stride_vh, HEAD_DIM,
                 )  # fmt: skip
-                if PRELOAD:
-                    k_first = tl.where((slots_first == new_slot)[:, None], k_new, k_first)
         else:
             q = tl.load(q_ptrs, mask=out_mask, other=0)
         q = q.to(K.dtype.element_ty)
         o, lse, any_keys = _attend_split(
             q, K, V, KvIndices, kv_start, kvh, first, kv_len, split, sm_scale_log2,
-            stride_ks, stride_kh, stride_vs, stride_vh, k_first, slots_first, BLOCK_H, HEAD_DIM, NUM_SPLITS,
-            BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD,
+            stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
+            DOT_PRECISION,
         )  # fmt: skip
         if direct:
             tl.store(
@@ -693,7 +617,6 @@ def decode_attention(
         SKIP_SHARED=cascade,
         FUSED_MERGE=fused,
         ROPE=new_kv is not None,
-        PRELOAD=new_kv is not None and PRELOAD_KEYS,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **pdl.launch_kwargs(q.device),
@@ -853,8 +776,8 @@ def _shared_prefix_kernel(
         ).to(K.dtype.element_ty)
         o, lse, any_keys = _attend_split(
             q, K, V, KvIndices, kv_start, kvh, 0, shared, split, sm_scale_log2,
-            stride_ks, stride_kh, stride_vs, stride_vh, 0, 0, BLOCK_M, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
-            DOT_PRECISION, False,
+            stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_M, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
+            DOT_PRECISION,
         )  # fmt: skip
         if any_keys:  # (a split past the shared keys, or a group sharing none, stores only lse)
             tl.store(

@@ -10,12 +10,9 @@ tail: on the H100, 808 -> 842 tok/s for the 1B shape at batch 1, the 8B's step u
 
 The contract every kernel launched through `launch_kwargs` keeps: nothing a preceding kernel
 writes, and nothing it may still read, is touched before its wait (`wait_for_producers`, or
-`wait_only` where the kernel releases its dependents at its end); and it releases its dependents
-only after that wait. Since each kernel completes only after its own wait, waiting on the
-immediate predecessor orders it after all earlier work too. And since none releases before its wait,
-a kernel starts only once every kernel before its predecessor has completed: it may read what those
-wrote (not what its predecessor writes) before its own wait, as decode attention reads its tables
-and first keys. Kernels launched without PDL (cuBLAS, torch) keep ordinary stream order.
+`wait_only` where the kernel releases its dependents at its end). Since each kernel
+completes only after its own wait, waiting on the immediate predecessor orders it after all earlier
+work too. Kernels launched without PDL (cuBLAS, torch) keep ordinary stream order.
 
 Off on CPU, under the Triton interpreter (which has no grid-dependency ops), before compute
 capability 9.0, on a Triton without `launch_pdl`, and where SGLC_DISABLE_PDL=1 (for A/B runs).
