@@ -75,25 +75,39 @@ def flashinfer_times(q, kc, vc, qo: list[int], kvp: list[int], kvi, decode: bool
     return "flashinfer " + ", ".join(parts)
 
 
-def decode(sweep: bool, flashinfer: bool = False) -> list[str]:
+# (batch-1 contexts of bar 1's run, 33-288 keys, first: there the kernel's latency is the cost)
+DECODE_SHAPES = [(1, 64), (1, 160), (1, 300), (1, 1024), (1, 4096), (1, 8192), (8, 2048), (32, 1024), (32, 4096),
+                 (128, 2048)]  # fmt: skip
+
+
+def decode(
+    sweep: bool, flashinfer: bool = False, shapes: list[tuple[int, int]] = DECODE_SHAPES, rope: bool = False
+) -> list[str]:
+    """Decode batches of `shapes` (batch, keys each). With `rope`, the kernel also rotates q and
+    rotates and stores each request's new key and value (its last slot), as the models without a
+    q/k norm run it."""
     rows = []
-    # (batch-1 contexts of bar 1's run, 33-288 keys, first: there the kernel's latency is the cost)
-    shapes = [(1, 64), (1, 160), (1, 300), (1, 1024), (1, 4096), (1, 8192), (8, 2048), (32, 1024), (32, 4096)]
-    for b, ctx in [*shapes, (128, 2048)]:
+    for b, ctx in shapes:
         kc, vc = pool(b * ctx + 16)
         kv_indices = torch.randperm(b * ctx, device=DEV)
         kv_indptr = torch.arange(b + 1, device=DEV) * ctx
         q = torch.randn(b, HQ, D, device=DEV, dtype=DT)
         nbytes = 2 * b * ctx * HKV * D * DT.itemsize
+        new_kv = None
+        if rope:
+            cos_sin = torch.randn(ctx, D, device=DEV)
+            positions = torch.full((b,), ctx - 1, device=DEV)
+            k_new, v_new = (torch.randn(b, HKV, D, device=DEV, dtype=DT) for _ in range(2))
+            new_kv = (k_new, v_new, positions, cos_sin, kv_indices[kv_indptr[1:] - 1])
 
-        def run(c, q=q, kc=kc, vc=vc, kv_indptr=kv_indptr, kv_indices=kv_indices):
-            return A.decode_attention(q, kc, vc, 0, kv_indptr, kv_indices, D**-0.5, c)
+        def run(c, q=q, kc=kc, vc=vc, kv_indptr=kv_indptr, kv_indices=kv_indices, new_kv=new_kv):
+            return A.decode_attention(q, kc, vc, 0, kv_indptr, kv_indices, D**-0.5, c, new_kv=new_kv)
 
         heur = A.decode_attention_heuristic(b, HKV, D, DT)()
         t = seconds(lambda h=heur: run(h))
         row = f"decode B={b:4d} ctx={ctx:5d} {t * 1e6:8.1f} us {nbytes / t / 1e9:6.0f} GB/s ({heur})"
         if sweep:
-            splits = sorted({1, 4, 16, heur["num_splits"]})
+            splits = sorted({1, 2, 4, 16, heur["num_splits"]})
             space = [{"BLOCK_N": bn, "num_splits": s, "num_warps": w, "num_stages": st}
                      for bn, s, w, st in itertools.product((32, 64, 128), splits, (4, 8), (1, 2, 3))]  # fmt: skip
             tb, cb = best(run, space)
@@ -273,15 +287,23 @@ def main() -> None:
     ap.add_argument("--heads", default=None, help="HQ,HKV,D for decode and extend (default 32,8,128)")
     ap.add_argument("--scenario", default=None, help="cascade: only the batches whose name contains this")
     ap.add_argument("--save-tuned", default=None, help="cascade --sweep: write the winners to this cache dir")
+    ap.add_argument("--shapes", default=None, help="decode: BxKEYS,... (e.g. 1x64,1x160,1x300)")
+    ap.add_argument(
+        "--rope", action="store_true", help="decode: rotate q and store the new key in the kernel"
+    )
     args = ap.parse_args()
     if args.heads:
         global HQ, HKV, D
         HQ, HKV, D = map(int, args.heads.split(","))
     torch.manual_seed(0)
     rows = []
-    for mode, run in (("decode", decode), ("extend", extend)):
-        if args.mode in (mode, "all"):
-            rows += run(args.sweep, args.flashinfer)
+    if args.mode in ("decode", "all"):
+        shapes = DECODE_SHAPES
+        if args.shapes:
+            shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+        rows += decode(args.sweep, args.flashinfer, shapes, args.rope)
+    if args.mode in ("extend", "all"):
+        rows += extend(args.sweep, args.flashinfer)
     if args.mode in ("cascade", "all"):
         rows += cascade(args.sweep, args.flashinfer, args.scenario, args.save_tuned)
     print(f"\n{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")

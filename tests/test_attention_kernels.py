@@ -223,9 +223,11 @@ def test_decode_rotates_and_stores_the_new_key_in_its_own_split():
     prefixes, owners = [15, 16, 32, 48, 0], [0, 1, 2, 3, 0]
     batch = _with_rope(_batch(6, prefixes, [1] * 5, 2, 2, 32, torch.float32, empty_requests=1), 6)
     stores, store = [], attention._store_new_kv
+    request_of = {int(s): b for b, s in enumerate(batch["slot_mapping"])}
 
-    def spy(*args):
-        stores.append(tuple(int(x.handle.data.item()) for x in (args[5], args[6], tl.program_id(2))))
+    def spy(*args):  # (k, v, K, V, slot, kvh, ...)
+        slot, kvh, split = (int(x.handle.data.item()) for x in (args[4], args[5], tl.program_id(2)))
+        stores.append((request_of[slot], kvh, split))
         return store.fn(*args)
 
     with (

@@ -79,3 +79,55 @@ def test_start_up_logs_only_real_compiles():
 
     b = Builds([("_loaded", COMPILE_S / 10), ("_compiled", 2.5)], ["A=1", "BLOCK=64"])
     assert b.compiled() == [("_compiled", 2.5, "BLOCK=64")]
+
+
+def test_decode_chain_steps_at_each_wait_on_a_global_load() -> None:
+    """benchmarks/decode_chain.py's SASS walk: a step ends where an instruction reads a register a pending
+    global load writes (a .64 load writes two), or a DEPBAR waits for cp.async copies; stores and
+    independent loads stay in their step."""
+    import os
+
+    interpret = os.environ.get("TRITON_INTERPRET")
+    try:
+        from benchmarks.decode_chain import chain
+    finally:  # (the script compiles for the GPU: it drops the interpreter flag on import)
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    sass = """
+        /*0010*/                   ACQBULK ;
+        /*0020*/                   LDG.E.64 R4, desc[UR8][R2.64] ;
+        /*0030*/                   LDG.E R8, desc[UR8][R2.64+0x10] ;
+        /*0040*/                   IADD3 R10, R5, 0x1, RZ ;
+        /*0050*/                   LDG.E.128 R12, desc[UR8][R10.64] ;
+        /*0060*/              @!P0 LDG.E.U16 R20, desc[UR8][R6.64] ;
+        /*0070*/                   STG.E desc[UR8][R6.64], R9 ;
+        /*0080*/                   FADD R21, R15, R20 ;
+        /*0090*/                   LDGSTS.E.BYPASS.128 [R7], desc[UR8][R22.64], P1 ;
+        /*00a0*/                   LDGDEPBAR ;
+        /*00b0*/                   DEPBAR.LE SB0, 0x0 ;
+        /*00c0*/                   STG.E desc[UR8][R6.64], R21 ;
+    """
+    assert chain(sass) == [
+        ["LDG.E.64", "LDG.E"],  # R5 (the .64's second register) is read next
+        ["LDG.E.128", "LDG.E.U16", "STG.E"],  # (the store reads nothing pending; the FADD does)
+        ["LDGSTS.E.BYPASS.128"],
+        ["STG.E"],
+    ]
+
+
+def test_cohort_bound_respects_the_pool_and_finds_the_staggered_start() -> None:
+    """benchmarks/cohort_bound.py: a cohort's KV grows by one token a request a step (3 prompt tokens and
+    4 generated: 4 to 7 slots), so two cohorts of 3 requests started together end holding 42 slots, and
+    in a pool of 32 the second starts only when the first has ended."""
+    from benchmarks.cohort_bound import best, evaluate
+    from benchmarks.floors import Shape
+
+    shape = Shape.of("llama-3.2-1b")
+    assert evaluate((3, 3), (0, 0), 3, 4, 32, shape) is None
+    s = evaluate((3, 3), (0, 4), 3, 4, 32, shape)  # back to back: 8 steps
+    assert s is not None and s.decode_steps == 8
+    # Overlapping by a step: at step 3 the first cohort holds 3 x 7, the second 3 x 4: 33 > 32.
+    assert evaluate((3, 3), (0, 3), 3, 4, 32, shape) is None
+    # In a pool of 33 an overlap of a step fits and saves a step's weight reads.
+    found = best(6, 3, 4, 33, shape, cohorts=2, grain=1)
+    assert found.decode_steps == 7 and sum(found.sizes) == 6

@@ -176,6 +176,21 @@ def _split_chunk(length, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _split_range(first, end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split `split`'s keys lo:hi of the range first:end (empty past the range's end)."""
+    lo = first + split * _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
+    return lo, tl.minimum(lo + _split_chunk(end - first, NUM_SPLITS, BLOCK_N), end)
+
+
+@triton.jit
+def _first_slots(KvIndices, kv_start, lo, hi, BLOCK_N: tl.constexpr):
+    """The slots of a range's first tile of keys. Nothing in a launch writes kv_indices, so callers
+    load them early, with q: the tile's keys then wait for one round trip, not two."""
+    n = lo + tl.arange(0, BLOCK_N)
+    return tl.load(KvIndices + kv_start + n, mask=n < hi, other=0).to(tl.int64)
+
+
+@triton.jit
 def _attend_split(
     q,
     K,
@@ -183,36 +198,35 @@ def _attend_split(
     KvIndices,
     kv_start,
     kvh,
-    first,
-    end,
-    split,
+    lo,
+    hi,
+    slot0,
     sm_scale_log2,
     stride_ks,
     stride_kh,
     stride_vs,
     stride_vh,
     ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """q [ROWS, BLOCK_D] over split `split` of the keys first:end of kv_indices[kv_start:] (one KV head):
-    the split's normalized output, its log2-sum-exp (-inf when empty) and whether it holds any key."""
+    """q [ROWS, BLOCK_D] over the keys lo:hi of kv_indices[kv_start:] (one KV head; `slot0` their first
+    tile's slots, `_first_slots`): the normalized output, its log2-sum-exp (-inf when empty) and
+    whether the range holds any key."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
-    lo = first + split * chunk
-    hi = tl.minimum(lo + chunk, end)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_mask = n < hi
-        slot = tl.load(KvIndices + kv_start + n, mask=n_mask, other=0).to(tl.int64)
+        later = n >= lo + BLOCK_N  # (the first tile's slots are slot0: its load issues nothing)
+        slot = tl.load(KvIndices + kv_start + n, mask=n_mask & later, other=0).to(tl.int64)
+        slot = tl.where(later, slot, slot0)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         # Every tile holds >= 1 valid key, so the running max is finite and padded rows stay finite.
         m_i, l_i, acc = _online_softmax_tile(
@@ -226,65 +240,58 @@ def _attend_split(
 
 
 @triton.jit
-def _rope_factors(cos_sin, offs_d, HEAD_DIM: tl.constexpr):
-    """[1, BLOCK_D] factors for `_rotated` from the position's row `cos_sin` of the cache (cos in its
-    first D/2 columns, sin in the last): cos for every element, sin signed for its half."""
+def _rope_factors(cos_sin, cols, HEAD_DIM: tl.constexpr):
+    """Factors for `_rotate` from the position's row `cos_sin` of the cache (cos in its first D/2
+    columns, sin in the last) at the element columns `cols` (the shape, and so the register layout,
+    of the rows they rotate: a broadcast from another layout goes through shared memory, which waits
+    for the load first): cos for every element, sin signed for its half."""
     half = HEAD_DIM // 2
-    lower = offs_d < half
-    idx = tl.where(lower, offs_d, offs_d - half)
-    d_mask = offs_d < HEAD_DIM
-    cos = tl.load(cos_sin + idx, mask=d_mask, other=0.0)[None, :]
+    lower = cols < half
+    idx = tl.where(lower, cols, cols - half)
+    d_mask = cols < HEAD_DIM
+    cos = tl.load(cos_sin + idx, mask=d_mask, other=0.0)
     sin = tl.load(cos_sin + half + idx, mask=d_mask, other=0.0)
-    return cos, tl.where(lower, -sin, sin)[None, :]  # x1 cos - x2 sin | x2 cos + x1 sin
+    return cos, tl.where(lower, -sin, sin)  # x1 cos - x2 sin | x2 cos + x1 sin
 
 
 @triton.jit
-def _rotated(ptrs, offs_d, mask, cos, sin, HEAD_DIM: tl.constexpr):
-    """The rows at `ptrs` ([rows, BLOCK_D] pointers, element offs_d of each) rotated as `sglc::rope`
-    does (NeoX: elements d and d + D/2 are a pair) by `_rope_factors`, in fp32."""
+def _load_pair(ptrs, offs_d, mask, HEAD_DIM: tl.constexpr):
+    """The rows at `ptrs` ([rows, BLOCK_D] pointers, element offs_d of each) and their rotation
+    partners (NeoX: elements d and d + D/2 are a pair), in fp32: `_rotate`'s inputs."""
     half = HEAD_DIM // 2
-    lower = offs_d < half
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    partner = tl.load(ptrs + tl.where(lower, half, -half)[None, :], mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(ptrs + tl.where(offs_d < half, half, -half)[None, :], mask=mask, other=0.0)
+    return x, partner.to(tl.float32)
+
+
+@triton.jit
+def _rotate(x, partner, cos, sin):
+    """A `_load_pair` rotated as `sglc::rope` does, by `_rope_factors`, in fp32."""
     return x * cos + partner * sin
 
 
 @triton.jit
 def _store_new_kv(
-    KNew,
-    VNew,
+    k,
+    v,
     K,
     V,
     slot,
-    b,
     kvh,
-    cos,
-    sin,
-    offs_d,
-    stride_knb,
-    stride_knh,
-    stride_vnb,
-    stride_vnh,
+    cols,
+    mask,
     stride_ks,
     stride_kh,
     stride_vs,
     stride_vh,
     HEAD_DIM: tl.constexpr,
 ):
-    """Request b's new key (rotated by `_rope_factors`' cos / sin, rounded to its own dtype first as the
-    reference's rope does) and value for KV head kvh into the pool at `slot` (padding rows: < 0,
-    nothing), visible to the whole program when it returns."""
-    d_mask = (offs_d < HEAD_DIM)[None, :]
-    src = KNew + b * stride_knb + kvh * stride_knh + offs_d[None, :]
-    k = _rotated(src, offs_d, d_mask, cos, sin, HEAD_DIM).to(KNew.dtype.element_ty)
-    store_mask = offs_d[None, :] < tl.where(slot >= 0, HEAD_DIM, 0)  # (padding: nothing stored)
-    tl.store(
-        K + slot * stride_ks + kvh * stride_kh + offs_d[None, :], k.to(K.dtype.element_ty), mask=store_mask
-    )
-    v = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + offs_d[None, :], mask=store_mask)
-    tl.store(
-        V + slot * stride_vs + kvh * stride_vh + offs_d[None, :], v.to(V.dtype.element_ty), mask=store_mask
-    )
+    """A request's new key (rotated) and value for KV head kvh into the pool at `slot` (padding rows:
+    < 0, nothing): the elements at columns `cols` where `mask` holds. Visible to the whole program
+    when it returns."""
+    mask = mask & (cols < tl.where(slot >= 0, HEAD_DIM, 0))
+    tl.store(K + slot * stride_ks + kvh * stride_kh + cols, k.to(K.dtype.element_ty), mask=mask)
+    tl.store(V + slot * stride_vs + kvh * stride_vh + cols, v.to(V.dtype.element_ty), mask=mask)
     tl.debug_barrier()  # a CTA barrier orders its threads' global stores before their later loads
 
 
@@ -353,6 +360,9 @@ def _decode_split_kernel(
     first = 0
     if SKIP_SHARED:
         first = tl.load(SharedLen + b).to(tl.int32)
+    if ROPE:  # (scalars the later addresses need: in the indptr's round trip)
+        position = tl.load(Positions + b).to(tl.int64)
+        new_slot = tl.load(Slots + b).to(tl.int64)
     # With FUSED_MERGE, splits holding keys (`active`) work: one writes the output itself; several write
     # partials, and the last of them to finish (an arrival counter per request and KV head) merges
     # them; the others exit at once. Without it every split writes partials for the merge kernel.
@@ -362,31 +372,43 @@ def _decode_split_kernel(
         active = tl.cdiv(kv_len, tl.maximum(_split_chunk(kv_len, NUM_SPLITS, BLOCK_N), 1))
         direct = active <= 1
     if split < tl.maximum(active, 1):
+        # Every load below waits on the indptr's round trip only, so they share the next one: the
+        # split's first slots, q and, with ROPE, the rope factors and the new key and value. Only the
+        # keys wait for the new one's store. (At batch 1 the kernel is such a chain of dependent round
+        # trips; one fewer made an H100's 1B step 0.6% faster: docs/benchmarks.md, ninth session.)
+        lo, hi = _split_range(first, kv_len, split, NUM_SPLITS, BLOCK_N)
+        slot0 = _first_slots(KvIndices, kv_start, lo, hi, BLOCK_N)
         q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
         if ROPE:
-            # The factors and the new key's slot load once, up front, for q and the new key: in the
-            # owner split each would otherwise be a round trip before its store.
-            cos, sin = _rope_factors(
-                CosSin + tl.load(Positions + b).to(tl.int64) * stride_cos, offs_d, HEAD_DIM
+            # The request's new token is its last key: the split whose range holds it rotates and stores
+            # it (and its value) before reading its keys; no other split reads that slot, and the
+            # others' loads of it are masked off (they issue nothing). Its rows are held as q's first
+            # row, so that one register layout serves q, the key and the factors: a broadcast from
+            # another layout goes through shared memory, which waits for the load before the next
+            # ones issue. (Loads first, in this order, so that no use of one comes before the last.)
+            stores = (lo <= kv_len - 1) & (kv_len - 1 < hi)
+            cols = offs_d[None, :] + 0 * offs_h[:, None]
+            new_mask = (offs_h[:, None] < tl.where(stores, 1, 0)) & (cols < HEAD_DIM)
+            k_x, k_partner = _load_pair(
+                KNew + b * stride_knb + kvh * stride_knh + cols, offs_d, new_mask, HEAD_DIM
             )
-            new_slot = tl.load(Slots + b).to(tl.int64)
-            q = _rotated(q_ptrs, offs_d, out_mask, cos, sin, HEAD_DIM).to(Q.dtype.element_ty)
-            # The request's new token is its last key: the split whose range holds it rotates and
-            # stores it (and its value) before reading its keys; no other split reads that slot.
-            length = kv_len - first
-            owner = (length - 1) // tl.maximum(_split_chunk(length, NUM_SPLITS, BLOCK_N), 1)
-            if (length > 0) & (split == owner):
+            v_new = tl.load(VNew + b * stride_vnb + kvh * stride_vnh + cols, mask=new_mask)
+            q_x, q_partner = _load_pair(q_ptrs, offs_d, out_mask, HEAD_DIM)
+            cos, sin = _rope_factors(CosSin + position * stride_cos, cols, HEAD_DIM)
+            q = _rotate(q_x, q_partner, cos, sin).to(Q.dtype.element_ty)
+            # (rounded to the key's own dtype first, as the reference's rope does)
+            k_new = _rotate(k_x, k_partner, cos, sin).to(KNew.dtype.element_ty)
+            if stores:
                 _store_new_kv(
-                    KNew, VNew, K, V, new_slot, b, kvh, cos, sin, offs_d, stride_knb, stride_knh,
-                    stride_vnb, stride_vnh, stride_ks, stride_kh, stride_vs, stride_vh, HEAD_DIM,
+                    k_new, v_new, K, V, new_slot, kvh, cols, new_mask, stride_ks, stride_kh, stride_vs, stride_vh,
+                    HEAD_DIM,
                 )  # fmt: skip
         else:
             q = tl.load(q_ptrs, mask=out_mask, other=0)
         q = q.to(K.dtype.element_ty)
         o, lse, any_keys = _attend_split(
-            q, K, V, KvIndices, kv_start, kvh, first, kv_len, split, sm_scale_log2,
-            stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_H, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
-            DOT_PRECISION,
+            q, K, V, KvIndices, kv_start, kvh, lo, hi, slot0, sm_scale_log2, stride_ks, stride_kh,
+            stride_vs, stride_vh, BLOCK_H, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION,
         )  # fmt: skip
         if direct:
             tl.store(
@@ -774,9 +796,10 @@ def _shared_prefix_kernel(
             mask=out_mask,
             other=0,
         ).to(K.dtype.element_ty)
+        lo, hi = _split_range(0, shared, split, NUM_SPLITS, BLOCK_N)
         o, lse, any_keys = _attend_split(
-            q, K, V, KvIndices, kv_start, kvh, 0, shared, split, sm_scale_log2,
-            stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_M, HEAD_DIM, NUM_SPLITS, BLOCK_N, BLOCK_D,
+            q, K, V, KvIndices, kv_start, kvh, lo, hi, _first_slots(KvIndices, kv_start, lo, hi, BLOCK_N),
+            sm_scale_log2, stride_ks, stride_kh, stride_vs, stride_vh, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM,
             DOT_PRECISION,
         )  # fmt: skip
         if any_keys:  # (a split past the shared keys, or a group sharing none, stores only lse)
