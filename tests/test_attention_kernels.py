@@ -238,13 +238,26 @@ def test_decode_rotates_and_stores_the_new_key_in_its_own_split():
     assert sorted(stores) == [(b, h, owners[b]) for b in range(5) for h in range(2)]
 
 
-def test_decode_wide_groups_merge_in_the_merge_kernel():
+@pytest.mark.parametrize("rope", [False, True])
+def test_decode_wide_groups_merge_in_the_merge_kernel(rope):
     """A GQA group of 8 at D 128 over 32 splits would hold 8 x 32 x 128 fp32 partials in registers:
-    those splits write partials for the merge kernel instead (counters untouched)."""
+    those splits write partials for the merge kernel instead (counters untouched); with rope, the
+    owner split stores the new key as well."""
     batch = _batch(4, [300, 40], [1, 1], 1, 8, 128, torch.float32)
+    if rope:
+        batch = _with_rope(batch, 4)
     attention._COUNTERS.clear()
-    _check(batch, {"BLOCK_N": 16, "num_splits": 32, "num_warps": 4, "num_stages": 1}, store_new=False)
+    _check(batch, {"BLOCK_N": 16, "num_splits": 32, "num_warps": 4, "num_stages": 1}, store_new=rope)
     assert batch["q"].device not in attention._COUNTERS
+
+
+def test_decode_new_key_in_a_later_tile_of_its_split():
+    """One split per request, 16-key tiles: the new key (the last of 48, 71 and 16 keys) is in the
+    split's third, fifth and first tile; the split stores it before its first tile's keys load, and
+    later tiles load their slots in the loop (the first tile's come preloaded)."""
+    batch = _with_rope(_batch(7, [47, 70, 15], [1, 1, 1], 2, 2, 32, torch.float32, empty_requests=1), 7)
+    _check(batch, {"BLOCK_N": 16, "num_splits": 1, "num_warps": 4, "num_stages": 1})
+    _check(batch, {"BLOCK_N": 16, "num_splits": 2, "num_warps": 4, "num_stages": 1})
 
 
 @pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "num_splits": 7, "num_warps": 4, "num_stages": 2}])

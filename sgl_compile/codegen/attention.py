@@ -289,7 +289,7 @@ def _store_new_kv(
     """A request's new key (rotated) and value for KV head kvh into the pool at `slot` (padding rows:
     < 0, nothing): the elements at columns `cols` where `mask` holds. Visible to the whole program
     when it returns."""
-    mask = mask & (cols < tl.where(slot >= 0, HEAD_DIM, 0))
+    mask = mask & (cols < tl.where(slot >= 0, HEAD_DIM, 0))  # (the padding gate)
     tl.store(K + slot * stride_ks + kvh * stride_kh + cols, k.to(K.dtype.element_ty), mask=mask)
     tl.store(V + slot * stride_vs + kvh * stride_vh + cols, v.to(V.dtype.element_ty), mask=mask)
     tl.debug_barrier()  # a CTA barrier orders its threads' global stores before their later loads
@@ -374,8 +374,9 @@ def _decode_split_kernel(
     if split < tl.maximum(active, 1):
         # Every load below waits on the indptr's round trip only, so they share the next one: the
         # split's first slots, q and, with ROPE, the rope factors and the new key and value. Only the
-        # keys wait for the new one's store. (At batch 1 the kernel is such a chain of dependent round
-        # trips; one fewer made an H100's 1B step 0.6% faster: docs/benchmarks.md, ninth session.)
+        # keys wait for the new one's store. (At batch 1 the kernel is a chain of dependent round trips,
+        # `benchmarks/decode_chain.py` counts them; an earlier change dropping one made an H100's 1B
+        # step 0.6% faster: docs/benchmarks.md, ninth session.)
         lo, hi = _split_range(first, kv_len, split, NUM_SPLITS, BLOCK_N)
         slot0 = _first_slots(KvIndices, kv_start, lo, hi, BLOCK_N)
         q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
@@ -458,8 +459,9 @@ def _merge_group(
     BLOCK_D: tl.constexpr,
 ):
     """Out[b, the GROUP heads of kvh] from the first `active` splits' partials (all non-empty), weighted
-    by their log2-sum-exp. All partials load at once ([GROUP, splits, D]: one memory round trip); .cg
-    reads them from L2, where the other programs' writes are."""
+    by their log2-sum-exp: [GROUP, splits, D] at once (ptxas issues most of them after lse's max,
+    which waits for lse: a second round trip, `benchmarks/decode_chain.py`); .cg reads them from L2,
+    where the other programs' writes are."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
