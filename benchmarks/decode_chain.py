@@ -86,6 +86,11 @@ def sass(module: ModuleType, model: str) -> tuple[str, int]:
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
     )
+    return compiled_sass(kernel)
+
+
+def compiled_sass(kernel) -> tuple[str, int]:
+    """A compiled kernel's SASS for sm_90a (the bundled ptxas over its PTX) and its register count."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(kernel.asm["ptx"])

@@ -1,7 +1,9 @@
 """Waves of the batch-1 GEMV grids on an H100, without a GPU: each projection's heuristic config is
 compiled for sm_90, ptxas reports its registers, and the SM's limits give the programs resident at once.
+"load steps" counts the dependent rounds of global loads in its SASS (`benchmarks/decode_chain.py`):
+where ptxas fits a tile in few registers it loads the weight rows one after another.
 
-    python -m benchmarks.gemv_waves [--models llama-3.2-1b,llama-3.1-8b] [--sms 132]
+    python -m benchmarks.gemv_waves [--models llama-3.2-1b,llama-3.1-8b] [--sms 132] [--maxnreg 64]
 
 A grid of more programs than fit at once runs a second, partial wave after the first programs end;
 with PDL, a kernel released at its start also takes slots from such a wave (docs/benchmarks.md, 2026-12-07
@@ -12,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 
@@ -24,6 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.decode_chain import chain, compiled_sass  # noqa: E402
 from benchmarks.occupancy import resident_programs  # noqa: E402
 from sgl_compile.codegen import norm_linear  # noqa: E402
 from sgl_compile.models.loading.dummy import DUMMY_CONFIGS  # noqa: E402
@@ -45,25 +44,7 @@ def projections(model: str) -> list[tuple[str, int, int, str]]:
     ]
 
 
-def registers(ptx: str) -> int:
-    """ptxas's register count for the kernel (the bundled ptxas that reads this Triton's PTX)."""
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        for name in ("ptxas-blackwell", "ptxas"):
-            run = subprocess.run(
-                [str(bin_dir / name), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                capture_output=True,
-                text=True,
-            )
-            found = re.search(r"Used (\d+) registers", run.stderr)
-            if found:
-                return int(found.group(1))
-    raise RuntimeError(f"no ptxas under {bin_dir} compiled the kernel: {run.stderr[-300:]}")
-
-
-def waves(model: str, sms: int) -> list[dict]:
+def waves(model: str, sms: int, maxnreg: int | None = None) -> list[dict]:
     fn = norm_linear._norm_gemv_kernel
     rows = []
     for name, n_out, k, kind in projections(model):
@@ -78,15 +59,15 @@ def waves(model: str, sms: int) -> list[dict]:
                for a in fn.arg_names}  # fmt: skip
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
         src = ASTSource(fn, sig, {(fn.arg_names.index(a),): v for a, v in consts.items()}, attrs)
-        kernel = triton.compile(
-            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}
-        )
-        regs, smem = registers(kernel.asm["ptx"]), kernel.metadata.shared
+        options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        code, regs = compiled_sass(kernel)
+        smem = kernel.metadata.shared
         resident = resident_programs(regs, warps, smem)
         grid = triton.cdiv(n_out, bn)
         rows.append({"model": model, "projection": name, "BLOCK_N": bn, "BLOCK_K": bk, "warps": warps,
                      "registers": regs, "smem": smem, "resident_per_sm": resident, "grid": grid,
-                     "waves": grid / (sms * resident)})  # fmt: skip
+                     "waves": grid / (sms * resident), "load_steps": len(chain(code))})  # fmt: skip
     return rows
 
 
@@ -94,13 +75,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b")
     ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--maxnreg", type=int, default=None, help="compile with this register cap (ptxas)")
     args = ap.parse_args()
-    print("| model | projection | BLOCK_N x BLOCK_K, warps | registers | resident a SM | grid | waves |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | projection | BLOCK_N x BLOCK_K, warps | registers | resident a SM | grid | waves | load steps |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
-        for r in waves(model, args.sms):
+        for r in waves(model, args.sms, args.maxnreg):
             print(f"| {r['model']} | {r['projection']} | {r['BLOCK_N']} x {r['BLOCK_K']}, {r['warps']} | "
-                  f"{r['registers']} | {r['resident_per_sm']} | {r['grid']} | {r['waves']:.2f} |")  # fmt: skip
+                  f"{r['registers']} | {r['resident_per_sm']} | {r['grid']} | {r['waves']:.2f} | "
+                  f"{r['load_steps']} |")  # fmt: skip
 
 
 if __name__ == "__main__":

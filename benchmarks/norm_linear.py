@@ -1,6 +1,7 @@
 """The fused norm + GEMV kernel against the unfused kernels it replaces, at decode's few rows.
 
     python benchmarks/norm_linear.py [--models llama-3.2-1b,llama-3.1-8b] [--rows 1,8,16] [--sweep [--narrow]]
+        [--maxnreg 48,64]
         [--out F]
 
 Per model shape: the residual add + norm + qkv projection, the same + gate_up projection + SwiGLU
@@ -63,6 +64,16 @@ def sweep(fn_for_copy_and_config, copies: int, k: int, row: dict) -> str:
     return f"{t_best:8.1f} {c_best}"
 
 
+def capped(fn_for_copy_and_config, copies: int, cfg: dict, caps: list[int], row: dict) -> str:
+    """The heuristic's config with each register cap in `caps` (ptxas's `maxnreg`), recorded in `row`."""
+    parts = []
+    for cap in caps:
+        t = per_call_us(lambda i, c={**cfg, "maxnreg": cap}: fn_for_copy_and_config(i, c), copies)
+        row[f"maxnreg_{cap}_us"] = t
+        parts.append(f"maxnreg {cap}: {t:.1f}")
+    return "  " + ", ".join(parts) if parts else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b,qwen3-0.6b")
@@ -72,8 +83,12 @@ def main() -> None:
     ap.add_argument(
         "--narrow", action="store_true", help="sweep BLOCK_N 4-16, BLOCK_K 512-2048, 1 stage only"
     )
+    ap.add_argument(
+        "--maxnreg", default="", help="also time the heuristic's config with these register caps (e.g. 48,64)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    caps = [int(c) for c in args.maxnreg.split(",") if c]
     if args.narrow:
         global SPACE
         SPACE = [
@@ -118,6 +133,7 @@ def main() -> None:
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "unfused_us": t_unfused,
                        "fused_us": t_fused, "heuristic": cfg}  # fmt: skip
                 best = sweep(fused, len(ws), h, row) if args.sweep and op in sweep_ops else ""
+                best += capped(lambda i, c: fused(i, c), len(ws), cfg, caps, row)
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t_unfused:10.1f} {t_fused:9.1f} "
                       f"{mb * 1e3 / t_fused:6.0f} {best}")  # fmt: skip
@@ -133,6 +149,7 @@ def main() -> None:
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "cublas_us": t, "gemv_us": t_gemv,
                        "heuristic": cfg}  # fmt: skip
                 best = sweep(gemv, len(ws), k, row) if args.sweep and op in sweep_ops else ""
+                best += capped(gemv, len(ws), cfg, caps, row)
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t:10.1f} {t_gemv:9.1f} {mb * 1e3 / t_gemv:6.0f} {best}"
                       "  (unfused = cuBLAS, fused = the GEMV without a norm)")  # fmt: skip

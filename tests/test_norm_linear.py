@@ -21,6 +21,7 @@ configs = st.sampled_from(
         {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},  # fp32 tiles fit in smem
         {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},  # decode's narrow blocks
         {"BLOCK_N": 1, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},  # (widened to 16 for 2+ rows)
+        {"BLOCK_N": 4, "BLOCK_K": 64, "num_warps": 8, "num_stages": 1, "maxnreg": 64},  # a register cap
         {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},  # decode batches
     ]
 )

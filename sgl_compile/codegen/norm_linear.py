@@ -272,6 +272,10 @@ def _fused(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        # A register cap for ptxas, where a config names one: without it ptxas fits 8-warp tiles in
+        # 32-40 registers by loading their weight rows one after another (docs/benchmarks.md, tenth
+        # session); a cap of 64 lets it issue them together. Unmeasured, so no heuristic names one.
+        **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         **pdl.launch_kwargs(x.device),
     )
     return out, summed
