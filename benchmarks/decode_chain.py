@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -147,13 +148,12 @@ def chain(code: str) -> list[list[str]]:
 
 
 def summary(steps: list[list[str]]) -> str:
-    parts = []
-    for s in steps:
-        counts: dict[str, int] = {}
-        for op in s:
-            counts[op.split(".")[0]] = counts.get(op.split(".")[0], 0) + 1
-        parts.append(" ".join(f"{k} x{v}" for k, v in counts.items()))
-    return "\n".join(f"  {i + 1:2d}. {p}" for i, p in enumerate(parts))
+    """One line a step: its global operations counted by opcode, in the order they first appear."""
+    lines = []
+    for i, s in enumerate(steps):
+        counts = Counter(op.split(".")[0] for op in s)
+        lines.append(f"  {i + 1:2d}. " + " ".join(f"{k} x{v}" for k, v in counts.items()))
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -133,7 +133,7 @@ def main() -> None:
                 row = {"model": name, "op": op, "m": m, "weight_mb": mb, "unfused_us": t_unfused,
                        "fused_us": t_fused, "heuristic": cfg}  # fmt: skip
                 best = sweep(fused, len(ws), h, row) if args.sweep and op in sweep_ops else ""
-                best += capped(lambda i, c: fused(i, c), len(ws), cfg, caps, row)
+                best += capped(fused, len(ws), cfg, caps, row)
                 results.append(row)
                 print(f"{name:14} {op:9} {m:3d} {mb:7.1f} {t_unfused:10.1f} {t_fused:9.1f} "
                       f"{mb * 1e3 / t_fused:6.0f} {best}")  # fmt: skip

@@ -178,8 +178,9 @@ def _split_chunk(length, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _split_range(first, end, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split `split`'s keys lo:hi of the range first:end (empty past the range's end)."""
-    lo = first + split * _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
-    return lo, tl.minimum(lo + _split_chunk(end - first, NUM_SPLITS, BLOCK_N), end)
+    chunk = _split_chunk(end - first, NUM_SPLITS, BLOCK_N)
+    lo = first + split * chunk
+    return lo, tl.minimum(lo + chunk, end)
 
 
 @triton.jit
